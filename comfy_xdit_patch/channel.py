@@ -1,0 +1,277 @@
+"""The per-step path between ComfyUI's process (the driver) and the ranks, with no Ray call in it.
+
+Ray only places and supervises the workers. Each rank holds one authenticated loopback connection
+(multiprocessing.connection) to the driver. A request is a small pickled header sent to every rank,
+plus ONE byte buffer with the tensors that rank 0 has not seen yet, sent to rank 0 only; rank 0
+broadcasts it to the other ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not
+grow with the number of ranks. Tensors repeated from step to step (the T5 context, pooled vector,
+reference latents) are recognised with torch.equal and cross once per sampling run: both sides keep
+the same small LRU of them, which the driver orders.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import secrets
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener, wait
+from typing import Any, Callable
+
+import torch
+
+from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
+
+_ALIGN = 64
+_CACHE_SLOTS = 8
+_CACHE_MIN_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # into this request's payload, or -1 when it is in a cache slot
+    slot: int  # cache slot it is stored in / read from, -1 for none
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _flatten(obj, out: list):
+    """Replace every tensor in a nested args structure by its index in `out`."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _Ref(len(out) - 1)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_flatten(v, out) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _flatten(v, out) for k, v in obj.items()}
+    return obj
+
+
+def _rebuild(obj, tensors: list):
+    if isinstance(obj, _Ref):
+        return tensors[obj.index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuild(v, tensors) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    index: int
+
+
+def _pack(tensors: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    pin = torch.cuda.is_available()
+    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    for t, off in zip(tensors, offsets):
+        n = t.numel() * t.element_size()
+        buf[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8), non_blocking=pin)
+    if pin:
+        torch.cuda.current_stream().synchronize()
+    return offsets, buf
+
+
+def _unpack(buf: torch.Tensor, metas: list[TensorMeta]) -> list[torch.Tensor | None]:
+    out = []
+    for m in metas:
+        if m.offset < 0:
+            out.append(None)
+            continue
+        n = _nbytes(m.shape, m.dtype)
+        out.append(buf[m.offset:m.offset + n].view(m.dtype).reshape(m.shape))
+    return out
+
+
+class DriverChannel:
+    """ComfyUI's end: one connection per rank, requests in order, replies matched by sequence number."""
+
+    def __init__(self, world: int, host: str = "127.0.0.1"):
+        self.world = world
+        self.authkey = secrets.token_bytes(32)
+        self._listener = Listener((host, 0), authkey=self.authkey)
+        self.address = self._listener.address
+        self._conns: list[Connection | None] = [None] * world
+        self._seq = 0
+        self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+        self._free = list(range(_CACHE_SLOTS))
+        self._lock = threading.Lock()
+
+    def accept(self, timeout: float, alive: Callable[[], None]) -> None:
+        """Wait for every rank to connect (each first sends its rank)."""
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def run():
+            try:
+                for _ in range(self.world):
+                    conn = self._listener.accept()
+                    self._conns[conn.recv()] = conn
+            except BaseException as e:  # listener closed on timeout, or a bad handshake
+                error.append(e)
+            done.set()
+
+        threading.Thread(target=run, name="comfy-xdit-accept", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            alive()
+            if time.monotonic() > deadline:
+                self._listener.close()
+                raise StepTimeout(f"workers did not connect within {timeout:.0f}s")
+        if error:
+            raise GroupBroken(f"worker connection failed: {error[0]!r}")
+        self._listener.close()
+
+    def _cached(self, t: torch.Tensor) -> int:
+        for slot, held in self._slots.items():
+            if held.shape == t.shape and held.dtype == t.dtype and held.device == t.device and torch.equal(held, t):
+                self._slots.move_to_end(slot)
+                return slot
+        return -1
+
+    def _store(self, t: torch.Tensor) -> int:
+        if not self._free:
+            old, _ = self._slots.popitem(last=False)
+            self._free.append(old)
+        slot = self._free.pop()
+        self._slots[slot] = t.detach().clone()
+        return slot
+
+    def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,
+                alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None):
+        """Send op to every rank and wait for rank 0's reply (or every rank's, with all_reply)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            tensors: list[torch.Tensor] = []
+            skeleton = _flatten(body, tensors)
+            metas, new = [], []
+            for t in tensors:
+                slot = self._cached(t) if t.numel() * t.element_size() >= _CACHE_MIN_BYTES else -1
+                if slot >= 0:
+                    metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, slot))
+                    continue
+                store = self._store(t) if t.numel() * t.element_size() >= _CACHE_MIN_BYTES else -1
+                metas.append(TensorMeta(tuple(t.shape), t.dtype, 0, store))
+                new.append(t)
+            offsets, buf = _pack(new) if new else ([], None)
+            it = iter(offsets)
+            metas = [dataclasses.replace(m, offset=next(it)) if m.offset == 0 else m for m in metas]
+            header = (seq, op, skeleton, metas, 0 if buf is None else buf.numel())
+            try:
+                for conn in self._conns:
+                    conn.send(header)
+                if buf is not None:
+                    self._conns[0].send_bytes(buf.numpy())
+            except (OSError, EOFError) as e:
+                raise WorkerDied(f"lost a worker while sending: {e!r}") from e
+            return self._replies(seq, all_reply, timeout, alive, interrupted)
+
+    def _replies(self, seq, all_reply, timeout, alive, interrupted):
+        deadline = time.monotonic() + timeout
+        waiting = set(range(self.world)) if all_reply else {0}
+        results: dict[int, Any] = {}
+        by_conn = {id(c): r for r, c in enumerate(self._conns)}
+        while waiting:
+            ready = wait(self._conns, timeout=0.05)
+            if not ready:
+                interrupted()
+                alive()
+                if time.monotonic() > deadline:
+                    raise StepTimeout(f"no reply to request {seq} within {timeout:.0f}s")
+                continue
+            for conn in ready:
+                rank = by_conn[id(conn)]
+                try:
+                    rseq, status, value, nbytes = conn.recv()
+                    data = None
+                    if nbytes:
+                        data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                        conn.recv_bytes_into(data.numpy())
+                except (OSError, EOFError) as e:
+                    raise WorkerDied(f"rank {rank} went away ({e!r})") from e
+                if rseq != seq:
+                    continue  # reply to a request the driver stopped waiting for (interrupt)
+                if status == "refused":
+                    raise Unroutable(value)
+                if status == "error":
+                    raise WorkerFailed(f"rank {rank}: {value}")
+                if data is not None:
+                    skeleton, metas = value
+                    value = _rebuild(skeleton, _unpack(data, metas))
+                results[rank] = value
+                waiting.discard(rank)
+        return results if all_reply else results[0]
+
+    def close(self) -> None:
+        for conn in self._conns:
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+
+class WorkerChannel:
+    """A rank's end. recv() gives every rank the same (seq, op, body) with tensors on `device`."""
+
+    def __init__(self, address, authkey: bytes, rank: int, device: torch.device, broadcast: Callable):
+        self.rank = rank
+        self.device = device
+        self._broadcast = broadcast  # broadcast(tensor, src=0), collective over all ranks
+        self._conn = Client(address, authkey=authkey)
+        self._conn.send(rank)
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def recv(self):
+        seq, op, skeleton, metas, nbytes = self._conn.recv()
+        buf = None
+        if nbytes:
+            if self.rank == 0:
+                host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                self._conn.recv_bytes_into(host.numpy())
+                buf = host.to(self.device, non_blocking=True)
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            # NOTE: collective; every rank got the same header, so every rank reaches it.
+            self._broadcast(buf)
+        tensors = _unpack(buf, metas) if buf is not None else [None] * len(metas)
+        for i, m in enumerate(metas):
+            if m.offset < 0:
+                tensors[i] = self._slots[m.slot]
+            elif m.slot >= 0:
+                self._slots[m.slot] = tensors[i]
+        return seq, op, _rebuild(skeleton, tensors)
+
+    def reply(self, seq: int, value: Any) -> None:
+        tensors: list[torch.Tensor] = []
+        skeleton = _flatten(value, tensors)
+        if not tensors:
+            self._conn.send((seq, "ok", value, 0))
+            return
+        offsets, buf = _pack(tensors)
+        metas = [TensorMeta(tuple(t.shape), t.dtype, off, -1) for t, off in zip(tensors, offsets)]
+        self._conn.send((seq, "ok", (skeleton, metas), buf.numel()))
+        self._conn.send_bytes(buf.numpy())
+
+    def fail(self, seq: int, message: str, status: str = "error") -> None:
+        self._conn.send((seq, status, message, 0))
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,192 @@
+"""Every environment variable the plugin reads, in one table, parsed once into a frozen Config.
+
+The README's variable table is generated from ENV_VARS (`python -m comfy_xdit_patch.cli env-table`),
+and a test keeps the two in step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable, Mapping
+
+PREFIX = "COMFY_XDIT"
+
+
+class ConfigError(ValueError):
+    """A variable holds a value the plugin does not accept; the message names both."""
+
+    def __init__(self, var: str, value: str, accepted: str):
+        super().__init__(f"{var}={value!r} is not valid; accepted: {accepted}. comfy_xdit_patch stays off.")
+        self.var = var
+
+
+@dataclasses.dataclass(frozen=True)
+class Degrees:
+    """Parallel degrees forced by COMFY_XDIT_PARALLEL; product = number of ranks."""
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+    def __str__(self) -> str:
+        return f"cfg={self.cfg},ulysses={self.ulysses},ring={self.ring}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    enabled: bool
+    workers: int
+    devices: tuple[int, ...] | None
+    parallel: Degrees | None  # None = auto
+    ray_address: str | None
+    fallback: str
+    timeout: float
+    load_timeout: float
+    start_timeout: float
+    attention: str
+    model_cache: int
+    gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str  # as written in the README
+    doc: str
+    parse: Callable[[str, str], object]
+
+
+def _bool(var: str, raw: str) -> bool:
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(var, raw, "1 (on) or 0 (off)")
+
+
+def _positive_int(var: str, raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(var, raw, "a whole number >= 1")
+    return int(raw)
+
+
+def _seconds(var: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(var, raw, "a number of seconds > 0")
+    return value
+
+
+def _devices(var: str, raw: str) -> tuple[int, ...]:
+    if not re.fullmatch(r"\d+(,\d+)*", raw):
+        raise ConfigError(var, raw, "comma-separated GPU ids such as 0,1")
+    ids = tuple(int(x) for x in raw.split(","))
+    if len(set(ids)) != len(ids):
+        raise ConfigError(var, raw, "distinct GPU ids")
+    return ids
+
+
+def _parallel(var: str, raw: str) -> Degrees | None:
+    if raw == "auto":
+        return None
+    accepted = "auto, or degrees such as ulysses=2,ring=1,cfg=1 (keys cfg, ulysses, ring; values >= 1)"
+    degrees = {}
+    for part in raw.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("cfg", "ulysses", "ring") or not value.isdigit() or int(value) < 1 or key in degrees:
+            raise ConfigError(var, raw, accepted)
+        degrees[key] = int(value)
+    return Degrees(**degrees)
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(var: str, raw: str) -> str:
+        if raw not in choices:
+            raise ConfigError(var, raw, " or ".join(choices))
+        return raw
+    return parse
+
+
+def _text(var: str, raw: str) -> str:
+    return raw
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("COMFY_XDIT", "on with >= 2 GPUs", "`1` routes FLUX through the worker group, `0` leaves ComfyUI untouched.", _bool),
+    EnvVar("COMFY_XDIT_WORKERS", "all visible GPUs (2 on a CPU-only machine)",
+           "Number of ranks. With no GPU the ranks run on CPU over gloo.", _positive_int),
+    EnvVar("COMFY_XDIT_DEVICES", "all", "GPU ids the ranks use, e.g. `0,1`.", _devices),
+    EnvVar("COMFY_XDIT_PARALLEL", "auto",
+           "`auto`, or forced degrees such as `ulysses=2,ring=1,cfg=1` (product = ranks).", _parallel),
+    EnvVar("COMFY_XDIT_RAY_ADDRESS", "private local cluster",
+           "Join this Ray cluster (`ray://` or `host:port`) instead of starting a private one on 127.0.0.1.", _text),
+    EnvVar("COMFY_XDIT_FALLBACK", "local",
+           "`local`: a failed routed call runs in ComfyUI's process; `error`: it raises.", _choice("local", "error")),
+    EnvVar("COMFY_XDIT_TIMEOUT", "120", "Seconds one routed model call may take before it falls back.", _seconds),
+    EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
+    EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
+    EnvVar("COMFY_XDIT_ATTENTION", "auto",
+           "Sequence-parallel attention: `auto`, `torch` (all-to-all + ComfyUI's attention), "
+           "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "yunchang")),
+    EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
+           _positive_int),
+)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> Config:
+    """Parse the environment. Raises ConfigError naming the first bad variable."""
+    env = os.environ if environ is None else environ
+    raw = {v.name: env[v.name].strip() for v in ENV_VARS if env.get(v.name, "").strip() != ""}
+    val = {v.name: v.parse(v.name, raw[v.name]) for v in ENV_VARS if v.name in raw}
+    gpus = visible_gpus() if gpus is None else gpus
+
+    devices = val.get("COMFY_XDIT_DEVICES")
+    if devices is not None and gpus and max(devices) >= gpus:
+        raise ConfigError("COMFY_XDIT_DEVICES", raw["COMFY_XDIT_DEVICES"], f"ids below {gpus} (GPUs visible)")
+    default_workers = len(devices) if devices else (gpus if gpus else 2)
+    workers = val.get("COMFY_XDIT_WORKERS", default_workers)
+    if gpus and workers > (len(devices) if devices else gpus):
+        raise ConfigError("COMFY_XDIT_WORKERS", raw.get("COMFY_XDIT_WORKERS", str(workers)),
+                          f"at most {len(devices) if devices else gpus} (GPUs available)")
+    parallel = val.get("COMFY_XDIT_PARALLEL")
+    if parallel is not None and parallel.world != workers:
+        raise ConfigError("COMFY_XDIT_PARALLEL", raw["COMFY_XDIT_PARALLEL"],
+                          f"degrees whose product is the number of ranks ({workers})")
+    return Config(
+        enabled=val.get("COMFY_XDIT", gpus >= 2),
+        workers=workers,
+        devices=devices,
+        parallel=parallel,
+        ray_address=val.get("COMFY_XDIT_RAY_ADDRESS"),
+        fallback=val.get("COMFY_XDIT_FALLBACK", "local"),
+        timeout=val.get("COMFY_XDIT_TIMEOUT", 120.0),
+        load_timeout=val.get("COMFY_XDIT_LOAD_TIMEOUT", 900.0),
+        start_timeout=val.get("COMFY_XDIT_START_TIMEOUT", 180.0),
+        attention=val.get("COMFY_XDIT_ATTENTION", "auto"),
+        model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
+        gpus=gpus,
+    )
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.default} | {v.doc} |" for v in ENV_VARS]
+    return "\n".join(rows)

@@ -1,0 +1,185 @@
+"""The worker group: Ray places the ranks (one placement-group bundle each) and supervises them.
+
+Start-up: Ray (a private loopback-only cluster with no dashboard, or an existing one by address) ->
+placement group -> one actor per rank -> torch.distributed rendezvous on a socket that rank 0 bound ->
+each rank opens its loopback connection to the driver (channel.py) inside one long-running `serve`
+call. Every wait is bounded. A dead rank shows as a closed connection or a finished `serve` call.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+
+from . import channel as channel_mod
+from .config import Config
+from .errors import GroupBroken, StepTimeout, WorkerDied
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def comfy_root() -> str:
+    import comfy.model_management
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+
+
+def _worker_path() -> str:
+    parts = [PACKAGE_ROOT, comfy_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def _init_ray(config: Config, use_gpu: bool) -> None:
+    """Start or join Ray, once per process; disconnect at exit if this plugin connected."""
+    private = not config.ray_address
+    if private:
+        # NOTE: Ray otherwise advertises, and binds its gRPC servers to, the machine's external address;
+        # in single-node mode it uses loopback. Set before ray is imported (its child processes read it)
+        # and on the constant itself in case another node pack imported ray first.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    if ray.is_initialized():
+        return
+    atexit.register(ray.shutdown)
+    os.environ["PYTHONPATH"] = _worker_path()  # the raylet, and so every worker, inherits it
+    if not private:
+        ray.init(address=config.ray_address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": _worker_path()}})
+        return
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    resources = {"num_cpus": max(os.cpu_count() or 1, config.workers)}
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if use_gpu:
+        visible = saved.split(",") if saved else [str(i) for i in range(64)]
+        ids = config.devices or tuple(range(config.workers))
+        # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only ours.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)
+        resources["num_gpus"] = len(ids)
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
+    finally:
+        if use_gpu:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+class WorkerGroup:
+    def __init__(self, config: Config, use_gpu: bool):
+        self.config = config
+        self.use_gpu = use_gpu
+        self.world = config.workers
+        self.actors: list = []
+        self.pids: list[int] = []
+        self.serving: list = []
+        self.pg = None
+        self.channel: channel_mod.DriverChannel | None = None
+        self.attention = None
+        self.start_seconds = None
+
+    def start(self) -> "WorkerGroup":
+        t0 = time.perf_counter()
+        deadline = t0 + self.config.start_timeout
+
+        def left() -> float:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise StepTimeout(f"worker group did not start within {self.config.start_timeout:.0f}s")
+            return remaining
+
+        _init_ray(self.config, self.use_gpu)
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .worker import Worker
+
+        bundle = {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
+        self.pg = placement_group([bundle] * self.world, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=left())
+        except ray.exceptions.GetTimeoutError as e:
+            raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}") from e
+        actor = ray.remote(Worker)
+        self.actors = [
+            actor.options(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0, name=None,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
+            .remote(r, self.world, comfy_root(), self.use_gpu, self.config.attention, self.config.model_cache)
+            for r in range(self.world)
+        ]
+        host, port, _ = ray.get(self.actors[0].address.remote(), timeout=left())
+        self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=left())
+        backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
+        self.attention = backends[0]
+        # NOTE: the driver listens on loopback for a private cluster, on its node address otherwise.
+        here = "127.0.0.1" if not self.config.ray_address else ray.util.get_node_ip_address()
+        self.channel = channel_mod.DriverChannel(self.world, host=here)
+        self.serving = [a.serve.remote(self.channel.address, self.channel.authkey) for a in self.actors]
+        self.channel.accept(left(), self.check_alive)
+        self.start_seconds = time.perf_counter() - t0
+        log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
+                 "GPU" if self.use_gpu else "CPU", self.attention, self.start_seconds)
+        return self
+
+    def check_alive(self) -> None:
+        import ray
+
+        done, _ = ray.wait(self.serving, timeout=0, num_returns=len(self.serving))
+        for ref in done:
+            rank = self.serving.index(ref)
+            try:
+                result = ray.get(ref, timeout=0)
+            except Exception as e:
+                raise WorkerDied(f"rank {rank} died: {type(e).__name__}") from e
+            raise WorkerDied(f"rank {rank} stopped serving ({result})")
+
+    def _interrupted(self) -> None:
+        import comfy.model_management
+
+        # ComfyUI's interrupt is a BaseException: it propagates past every fallback.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def request(self, op: str, body=None, all_reply=False, timeout=None):
+        return self.channel.request(op, body, all_reply=all_reply, timeout=timeout or self.config.timeout,
+                                    alive=self.check_alive, interrupted=self._interrupted)
+
+    def prepare(self, spec) -> None:
+        self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+
+    def call(self, key: str, family: str, mesh, args, kwargs):
+        return self.request("call", (key, family, mesh, args, kwargs))
+
+    def stats(self) -> list[dict]:
+        replies = self.request("stats", all_reply=True)
+        return [replies[r] for r in range(self.world)]
+
+    def shutdown(self) -> None:
+        """Idempotent; never raises."""
+        try:
+            import ray
+        except ImportError:
+            return
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None

@@ -1,0 +1,78 @@
+"""The one chokepoint that attaches the plugin to ComfyUI and takes it off again.
+
+Two wrapt wrappers, both delegating to the Router: `comfy.samplers.CFGGuider.sample` (to register
+our ComfyUI wrappers on a FLUX sampling run) and `comfy.model_management.load_models_gpu` (so a
+routed model's weights stay off this process's GPU). uninstall() puts back the exact originals.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import wrapt
+
+from .config import Config
+
+log = logging.getLogger("comfy_xdit_patch")
+
+# (module, attribute path) -> router method name
+_TARGETS = (
+    ("comfy.samplers", "CFGGuider.sample", "sample"),
+    ("comfy.model_management", "load_models_gpu", "load_models_gpu"),
+)
+
+_lock = threading.Lock()
+_originals: list[tuple[object, str, object]] = []  # (owner, attribute, original as stored on the owner)
+_router = None
+
+
+def _owner(module_name: str, path: str):
+    import importlib
+
+    owner = importlib.import_module(module_name)
+    *parents, attr = path.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    return owner, attr
+
+
+def install(config: Config, router=None):
+    """Attach to ComfyUI (idempotent). Returns the Router; pass one back to reuse its worker group."""
+    global _router
+    from .router import Router
+
+    with _lock:
+        if _router is not None:
+            return _router
+        router = router or Router(config, on_disable=uninstall)
+        for module_name, path, method in _TARGETS:
+            owner, attr = _owner(module_name, path)
+            _originals.append((owner, attr, owner.__dict__[attr]))
+            handler = getattr(router, method)
+            wrapt.wrap_function_wrapper(owner, attr, lambda wrapped, instance, args, kwargs, h=handler:
+                                        h(wrapped, instance, args, kwargs))
+        _router = router
+        log.info("comfy_xdit_patch: routing FLUX to %d %s rank(s)", config.workers, "GPU" if config.use_gpu else "CPU")
+        return router
+
+
+def uninstall(close_group: bool = True):
+    """Detach from ComfyUI: restore the original functions; shut the worker group down unless told not
+    to (a side-by-side benchmark or test reattaches the same Router). Returns the detached Router."""
+    global _router
+    with _lock:
+        while _originals:
+            owner, attr, original = _originals.pop()
+            setattr(owner, attr, original)
+        router, _router = _router, None
+    if router is not None and close_group:
+        router.close_group()
+    return router
+
+
+def installed() -> bool:
+    return _router is not None
+
+
+def router():
+    return _router

@@ -1,0 +1,204 @@
+"""Per-model-family knowledge, kept declarative, and the generic code that applies it.
+
+A Plan names the method where a model's token sequence is entered (its inputs are split there), the
+text/image streams and their position ids, which output is gathered, and which inputs the workers
+must refuse. `shard()` applies a plan on a worker for one call; `check()` runs on ComfyUI's side.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import operator
+import uuid
+from typing import Any, Callable
+
+import torch
+
+from . import layout
+from .layout import LayoutError, Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    family: str
+    model_class: str  # "module:Class" of the diffusion model (patcher.model.diffusion_model)
+    entry: str  # method whose sequence inputs are split and whose output is gathered
+    txt: tuple[str, str]  # entry arguments: text tokens, text position ids
+    img: tuple[str, str]  # entry arguments: image tokens (+ reference tokens), image position ids
+    control: str  # entry argument holding ControlNet residuals over the image tokens
+    heads: str  # attribute with the attention head count
+    # (forward() argument, value that can't be routed or None for "any value but None", why)
+    refuse: tuple[tuple[str, Any, str], ...] = ()
+    # forward() arguments whose absent value comes from a model attribute (object patches can set it)
+    defaults: tuple[tuple[str, str], ...] = ()
+    # entry arguments that must be None on a worker (a safety net behind `refuse`)
+    entry_none: tuple[str, ...] = ()
+
+    def model_type(self) -> type | None:
+        module, _, name = self.model_class.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # older ComfyUI without this family
+            return None
+
+
+def by_family(family: str) -> Plan:
+    from .flux import PLANS
+
+    return next(p for p in PLANS if p.family == family)
+
+
+def plan_for(diffusion_model) -> Plan | None:
+    from .flux import PLANS
+
+    for plan in PLANS:
+        cls = plan.model_type()
+        if cls is not None and type(diffusion_model) is cls:
+            return plan
+    return None
+
+
+# --- ComfyUI's side: can this call be sent at all? -------------------------------------------------
+
+_DROPPED_OPTIONS = ("wrappers", "callbacks")  # ComfyUI's own plumbing; workers need none of it
+_PLAIN = (type(None), bool, int, float, str, uuid.UUID, torch.Tensor, torch.dtype, torch.device)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int, tuple)) and _plain(v) for k, v in value.items())
+    return False
+
+
+def bind(model, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    return inspect.signature(model._forward).bind(*args, **kwargs)
+
+
+def check(plan: Plan, model, args: tuple, kwargs: dict) -> tuple[str | None, tuple, dict]:
+    """(reason it must run locally or None, args, kwargs with transformer_options made sendable)."""
+    bound = bind(model, args, kwargs)
+    extra = bound.arguments.get("kwargs", {})
+    defaults = dict(plan.defaults)
+    for name, value, why in plan.refuse:
+        got = bound.arguments.get(name, extra.get(name))
+        if got is None and name in defaults:
+            got = operator.attrgetter(defaults[name])(model)
+        if (value is None and got is not None) or (value is not None and got == value):
+            return why, args, kwargs
+    options = dict(bound.arguments.get("transformer_options") or {})
+    for key in _DROPPED_OPTIONS:
+        options.pop(key, None)
+    for key in ("patches", "patches_replace"):
+        if any(options.pop(key, {}).values()):
+            return f"transformer_options['{key}'] set by another node", args, kwargs
+    for key, value in options.items():
+        if not _plain(value):
+            return f"transformer_options['{key}'] holds {type(value).__name__}", args, kwargs
+    for name, value in bound.arguments.items():
+        if name != "transformer_options" and not _plain(value):
+            return f"argument {name} holds {type(value).__name__}", args, kwargs
+    bound.arguments["transformer_options"] = options
+    return None, bound.args, bound.kwargs
+
+
+# --- the worker's side: run one call over a mesh ---------------------------------------------------
+
+def heads(plan: Plan, model) -> int:
+    return int(getattr(model, plan.heads))
+
+
+def _map_tensors(obj, fn: Callable[[torch.Tensor], Any]):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _split_batch(bound: inspect.BoundArguments, batch: int, span: tuple[int, int]) -> None:
+    def cut(t):
+        return t[span[0]:span[1]] if t.ndim and t.shape[0] == batch else t
+
+    for name, value in bound.arguments.items():
+        if name != "transformer_options":
+            bound.arguments[name] = _map_tensors(value, cut)
+
+
+@contextlib.contextmanager
+def _entered(plan: Plan, model, sp_group, sp_rank: int, sp_world: int, attention: Callable):
+    """Make `model.<entry>` split its sequence inputs and gather its output, for this call only."""
+    original = getattr(model, plan.entry)
+    signature = inspect.signature(original)
+
+    def sharded_entry(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        for name in plan.entry_none:
+            if a.get(name) is not None:
+                raise RuntimeError(f"{plan.family}: {name} reached a worker; it can't be sharded")
+        txt, txt_ids = plan.txt
+        img, img_ids = plan.img
+        shards = layout.split(a[txt].shape[1], a[img].shape[1], sp_world)
+        me = shards[sp_rank]
+        a[txt], a[txt_ids] = layout.take(a[txt], me.txt), layout.take(a[txt_ids], me.txt)
+        a[img], a[img_ids] = layout.take(a[img], me.img, me.pad), layout.take(a[img_ids], me.img, me.pad)
+        if a.get(plan.control) is not None:
+            local = me.img_len + me.pad
+            a[plan.control] = _map_tensors(a[plan.control], lambda r: layout.take_prefix(r, me.img, local))
+        options = dict(a.get("transformer_options") or {})
+        options["optimized_attention_override"] = attention(me)
+        a["transformer_options"] = options
+        out = original(*bound.args, **bound.kwargs)
+        return layout.gather(out, shards, sp_rank, sp_group)
+
+    setattr(model, plan.entry, sharded_entry)  # NOTE: instance attribute on the worker's own model copy
+    try:
+        yield
+    finally:
+        delattr(model, plan.entry)
+
+
+def shard(plan: Plan, model, args: tuple, kwargs: dict, mesh: Mesh, rank: int, groups, attention) -> torch.Tensor:
+    """Run model.forward(*args, **kwargs) as one rank of `mesh`; every rank returns the full output.
+
+    `groups` gives the sp and cfg process groups of this rank; `attention(shard)` builds the
+    attention override for this rank's shard of the sequence.
+    """
+    if mesh.world == 1:
+        return model(*args, **kwargs)
+    bound = bind(model, args, kwargs)
+    cfg_index, sp_rank = divmod(rank, mesh.sp)
+    spans = None
+    if mesh.cfg > 1:
+        batch = next(iter(bound.arguments.values())).shape[0]
+        spans = layout.batch_spans(batch, mesh.cfg)
+        _split_batch(bound, batch, spans[cfg_index])
+    if mesh.sp > 1:
+        with _entered(plan, model, groups.sp, sp_rank, mesh.sp, attention):
+            out = model(*bound.args, **bound.kwargs)
+    else:
+        out = model(*bound.args, **bound.kwargs)
+    if spans is not None:
+        out = gather_batch(out, spans, cfg_index, groups.cfg)
+    return out
+
+
+def gather_batch(local: torch.Tensor, spans, index: int, group) -> torch.Tensor:
+    longest = max(b - a for a, b in spans)
+    mine = spans[index][1] - spans[index][0]
+    buf = local if mine == longest else torch.cat([local, local.new_zeros((longest - mine,) + local.shape[1:])])
+    parts = [torch.empty_like(buf) for _ in spans]
+    # NOTE: collective over the ranks that hold the same sequence piece in each CFG group.
+    torch.distributed.all_gather(parts, buf.contiguous(), group=group)
+    return torch.cat([p[: b - a] for p, (a, b) in zip(parts, spans)])
+
+
+__all__ = ["Plan", "plan_for", "check", "shard", "heads", "LayoutError", "Mesh"]

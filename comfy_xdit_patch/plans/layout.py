@@ -1,0 +1,147 @@
+"""How one joint sequence [txt; img] is shared out among the ranks of a sequence-parallel group.
+
+Every rank gets a contiguous piece of the text tokens and a contiguous piece of the image tokens,
+and all ranks hold the same number of tokens (`chunk`), so the all-to-all is even. When the total
+does not divide, only the LAST rank carries `pad` filler tokens at the very end of its piece.
+After the all-to-all the filler therefore sits at the end of the gathered sequence, where the
+attention drops it from the keys (see attention.ulysses): the result stays exact for any size.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """This input cannot be split over this many ranks (it runs on one GPU instead)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    rank: int
+    world: int
+    txt: tuple[int, int]  # [start, stop) into the text tokens
+    img: tuple[int, int]  # [start, stop) into the image tokens (incl. reference tokens)
+    pad: int  # filler tokens after this rank's image piece (last rank only)
+    chunk: int  # tokens every rank holds, filler included
+    total: int  # real tokens, txt + img
+
+    @property
+    def img_len(self) -> int:
+        return self.img[1] - self.img[0]
+
+
+def split(txt_total: int, img_total: int, world: int) -> list[Shard]:
+    """Share txt_total text and img_total image tokens out among `world` ranks."""
+    total = txt_total + img_total
+    chunk = -(-total // world)
+    # NOTE: every rank needs >= 1 text and >= 1 image token: ComfyUI's blocks reshape each stream
+    # with view(..., -1), which fails on an empty piece.
+    if txt_total < world or img_total < world:
+        raise LayoutError(f"{txt_total} text / {img_total} image tokens can't be split over {world} ranks")
+    txt_sizes = [txt_total // world + (1 if r < txt_total % world else 0) for r in range(world)]
+    img_sizes = [chunk - t for t in txt_sizes[:-1]]
+    img_sizes.append(img_total - sum(img_sizes))
+    pad = chunk - txt_sizes[-1] - img_sizes[-1]
+    if img_sizes[-1] < 1 or pad < 0:
+        raise LayoutError(f"{txt_total} text / {img_total} image tokens can't be split evenly over {world} ranks")
+    shards, t0, i0 = [], 0, 0
+    for r in range(world):
+        shards.append(Shard(r, world, (t0, t0 + txt_sizes[r]), (i0, i0 + img_sizes[r]),
+                            pad if r == world - 1 else 0, chunk, total))
+        t0, i0 = t0 + txt_sizes[r], i0 + img_sizes[r]
+    return shards
+
+
+def take(t: torch.Tensor, span: tuple[int, int], pad: int = 0, dim: int = 1) -> torch.Tensor:
+    """t[span] along `dim`, followed by `pad` zero tokens."""
+    piece = t.narrow(dim, span[0], span[1] - span[0])
+    if pad == 0:
+        return piece
+    shape = list(piece.shape)
+    shape[dim] = pad
+    return torch.cat([piece, piece.new_zeros(shape)], dim=dim)
+
+
+def take_prefix(t: torch.Tensor, span: tuple[int, int], length: int, dim: int = 1) -> torch.Tensor:
+    """This rank's part of a residual that covers the first t.shape[dim] image tokens, zero-filled to `length`.
+
+    ControlNet residuals cover the output image tokens only (not reference tokens or filler);
+    adding zeros elsewhere leaves those tokens exactly as they are.
+    """
+    stop = min(span[1], t.shape[dim])
+    piece = t.narrow(dim, min(span[0], stop), max(0, stop - span[0]))
+    missing = length - piece.shape[dim]
+    if missing == 0:
+        return piece
+    shape = list(piece.shape)
+    shape[dim] = missing
+    return torch.cat([piece, piece.new_zeros(shape)], dim=dim)
+
+
+def gather(local: torch.Tensor, shards: list[Shard], rank: int, group, dim: int = 1) -> torch.Tensor:
+    """Inverse of take() over the image stream: every rank gets all image tokens in order."""
+    me = shards[rank]
+    real = local.narrow(dim, 0, me.img_len)
+    longest = max(s.img_len for s in shards)
+    buf = take(real.contiguous(), (0, me.img_len), longest - me.img_len, dim).contiguous()
+    parts = [torch.empty_like(buf) for _ in shards]
+    # NOTE: collective; every rank of the group reaches it once per call, in the same order.
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat([p.narrow(dim, 0, s.img_len) for p, s in zip(parts, shards)], dim=dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """world = cfg x ulysses x ring. Ranks of one sequence-parallel group are consecutive."""
+
+    cfg: int
+    ulysses: int
+    ring: int
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.sp
+
+    def __str__(self) -> str:
+        return f"cfg={self.cfg},ulysses={self.ulysses},ring={self.ring}"
+
+
+def batch_spans(batch: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, as-even-as-possible split of `batch` rows into `parts` non-empty spans."""
+    if batch < parts:
+        raise LayoutError(f"batch of {batch} can't be shared by {parts} CFG groups")
+    sizes = [batch // parts + (1 if i < batch % parts else 0) for i in range(parts)]
+    spans, start = [], 0
+    for s in sizes:
+        spans.append((start, start + s))
+        start += s
+    return spans
+
+
+def choose_mesh(world: int, batch: int, heads: int, forced: Mesh | None, ring_ok: bool) -> Mesh:
+    """The layout of one call. Auto: the batch (cond+uncond, latent batch) is shared out first, since
+    it needs no communication but one gather; the rest of the ranks split the sequence, Ulysses first
+    (heads permitting), Ring for what the heads can't divide."""
+    if forced is not None:
+        mesh = forced
+    else:
+        cfg = max(d for d in range(1, world + 1) if world % d == 0 and batch % d == 0)
+        sp = world // cfg
+        ulysses = max(d for d in range(1, sp + 1) if sp % d == 0 and heads % d == 0)
+        mesh = Mesh(cfg, ulysses, sp // ulysses)
+    if mesh.world != world:
+        raise LayoutError(f"layout {mesh} needs {mesh.world} ranks, the group has {world}")
+    if mesh.cfg > batch:
+        raise LayoutError(f"layout {mesh}: a batch of {batch} can't feed {mesh.cfg} CFG groups")
+    if heads % mesh.ulysses:
+        raise LayoutError(f"layout {mesh}: {heads} attention heads don't divide by ulysses={mesh.ulysses}")
+    if mesh.ring > 1 and not ring_ok:
+        raise LayoutError(f"layout {mesh}: ring > 1 needs the yunchang attention backend (CUDA)")
+    return mesh

@@ -1,0 +1,204 @@
+"""Routing FLUX model calls to the worker group, through ComfyUI's own wrapper seams.
+
+- `sample` (wrapt, around comfy.samplers.CFGGuider.sample): for a FLUX-family model, adds our
+  OUTER_SAMPLE wrapper to that sampling run's copy of model_options. Nothing else is touched.
+- OUTER_SAMPLE: opens a run (worker group up, model prepared on the workers, object patches applied
+  here without loading weights), adds the DIFFUSION_MODEL wrapper last, closes the run afterwards.
+- DIFFUSION_MODEL: sends the call to the workers; if the input can't be routed, or anything fails,
+  it calls `executor` (ComfyUI's own forward) after loading the model here as ComfyUI would.
+- `load_models_gpu` (wrapt): while a run is routed, ComfyUI's process skips loading that model.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension as pe
+
+from . import plans
+from .config import Config
+from .errors import RoutingError, Unroutable
+from .plans.layout import LayoutError
+from .spec import SpecCache
+
+log = logging.getLogger("comfy_xdit_patch")
+
+KEY = "comfy_xdit_patch"
+MAX_RESTARTS = 2  # group restarts after transient failures before the plugin unpatches itself
+
+
+@dataclasses.dataclass
+class Run:
+    patcher: object
+    plan: plans.Plan
+    spec: object = None
+    local: bool = False  # the rest of this run stays in ComfyUI's process
+    loaded_here: bool = False  # ComfyUI's process loaded the weights (then it owns their state)
+
+
+class Router:
+    def __init__(self, config: Config, on_disable=lambda: None):
+        self.config = config
+        self.group = None
+        self.run: Run | None = None
+        self.specs = SpecCache()
+        self.stats = collections.Counter()
+        self.disabled: str | None = None
+        self.restarts = 0
+        self._on_disable = on_disable
+        self._said: set = set()
+        self._lock = threading.RLock()
+
+    @property
+    def active(self) -> bool:
+        return self.disabled is None
+
+    def _once(self, key, msg: str, *args) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.info(msg, *args)
+
+    # --- patched entry points ---------------------------------------------------------------------
+    def sample(self, wrapped, guider, args, kwargs):
+        patcher = guider.model_patcher
+        if not self.active or plans.plan_for(patcher.model.diffusion_model) is None:
+            return wrapped(*args, **kwargs)
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        pe.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, self.outer_sample, guider.model_options,
+                                is_model_options=True)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            guider.model_options = original
+
+    def load_models_gpu(self, wrapped, _instance, args, kwargs):
+        run = self.run
+        models = args[0] if args else kwargs.get("models")
+        if run is None or run.local or not any(m is run.patcher for m in models):
+            return wrapped(*args, **kwargs)
+        kept = [m for m in models if m is not run.patcher]
+        if args:
+            return wrapped(kept, *args[1:], **kwargs)
+        return wrapped(**dict(kwargs, models=kept))
+
+    # --- OUTER_SAMPLE: one sampling run -------------------------------------------------------------
+    def outer_sample(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        patcher = guider.model_patcher
+        if not self.active:
+            return executor(*args, **kwargs)
+        if hasattr(patcher, "get_additional_models_with_key") and patcher.get_additional_models_with_key("multigpu"):
+            self._once(("multigpu", id(patcher.model)), "comfy_xdit_patch: core MultiGPU CFG Split is on this "
+                       "model; stepping aside for it")
+            return executor(*args, **kwargs)
+        run = Run(patcher, plans.plan_for(patcher.model.diffusion_model))
+        try:
+            self._open(run)
+        except Exception as e:
+            self._failed(e, "preparing the worker group")
+            return executor(*args, **kwargs)
+        pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model, guider.model_options,
+                                is_model_options=True)
+        self.run = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.run = None
+            if not run.loaded_here:
+                patcher.unpatch_model(unpatch_weights=False)  # object patches back as they were
+
+    def _open(self, run: Run) -> None:
+        # NOTE: weights this process still holds from an earlier local run would sit beside rank 0's.
+        comfy.model_management.unload_model_and_clones(run.patcher, unload_additional_models=False)
+        forced = self.config.parallel
+        if forced is not None:  # an impossible forced layout is refused before sampling starts
+            plans.layout.choose_mesh(forced.world, forced.cfg, plans.heads(run.plan, run.patcher.model.diffusion_model),
+                                     forced, ring_ok=True)
+        group = self._group()
+        run.spec = self.specs.spec(run.patcher)
+        group.prepare(run.spec)
+        run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
+
+    def _group(self):
+        with self._lock:
+            if self.group is None:
+                from .group import WorkerGroup
+
+                group = WorkerGroup(self.config, self.config.use_gpu)
+                try:
+                    group.start()
+                except BaseException:
+                    group.shutdown()
+                    raise
+                self.group = group
+                self.stats["group_starts"] += 1
+            return self.group
+
+    # --- DIFFUSION_MODEL: one model call ------------------------------------------------------------
+    def diffusion_model(self, executor, *args, **kwargs):
+        run = self.run
+        if run is None or run.local or not self.active:
+            return self._local(executor, run, args, kwargs)
+        model = executor.class_obj
+        reason, send_args, send_kwargs = plans.check(run.plan, model, args, kwargs)
+        try:
+            if reason:
+                raise Unroutable(reason)
+            mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], plans.heads(run.plan, model),
+                                            self.config.parallel, self.group.attention == "yunchang")
+            out = self.group.call(run.spec.key, run.plan.family, mesh, send_args, send_kwargs)
+        except Exception as e:
+            self._failed(e, "a routed model call", run)
+            return self._local(executor, run, args, kwargs)
+        self.stats["routed_calls"] += 1
+        return out.to(args[0].device)
+
+    def _local(self, executor, run: Run | None, args, kwargs):
+        if run is not None and not run.loaded_here:
+            run.loaded_here = True
+            comfy.model_management.load_models_gpu([run.patcher])
+        self.stats["local_calls"] += 1
+        return executor(*args, **kwargs)
+
+    # --- failures ---------------------------------------------------------------------------------
+    def _failed(self, e: Exception, where: str, run: Run | None = None) -> None:
+        if isinstance(e, (Unroutable, LayoutError)):
+            key = (id(run.patcher.model) if run else None, str(e))
+            self._once(key, "comfy_xdit_patch: running this call on one GPU in ComfyUI's process: %s", e)
+            if self.config.fallback == "error" and isinstance(e, LayoutError):
+                raise e
+            return
+        self.stats["fallbacks"] += 1
+        if run is not None:
+            run.local = True
+        transient = isinstance(e, RoutingError) and e.transient
+        log.warning("comfy_xdit_patch: %s failed (%s: %s); computing it on one GPU in ComfyUI's process",
+                    where, type(e).__name__, e, exc_info=not isinstance(e, RoutingError))
+        self.close_group()
+        if self.config.fallback == "error":
+            raise e
+        if not transient:
+            self.disable(f"{type(e).__name__}: {e}")
+        elif self.restarts >= MAX_RESTARTS:
+            self.disable(f"{MAX_RESTARTS} worker-group restarts; last: {type(e).__name__}: {e}")
+        else:
+            self.restarts += 1
+            log.warning("comfy_xdit_patch: the worker group was shut down; the next sampling run starts a new one")
+
+    def disable(self, reason: str) -> None:
+        if self.disabled is None:
+            self.disabled = reason
+            log.error("comfy_xdit_patch: unpatched for the rest of this process: %s", reason)
+            self._on_disable()
+
+    def close_group(self) -> None:
+        with self._lock:
+            group, self.group = self.group, None
+            self.specs.clear()
+        if group is not None:
+            group.shutdown()

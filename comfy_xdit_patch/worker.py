@@ -1,0 +1,203 @@
+"""One rank of the worker group: a Ray actor that holds the model and serves model calls.
+
+The actor builds the model itself with ComfyUI's own loader, from the recipe ComfyUI recorded when it
+loaded the model (`ModelPatcher.cached_patcher_init`: loader + path + options), so weights never go
+through Ray. LoRA weight patches and diffusion-model object patches are replayed on a clone and put
+on the device by `comfy.model_management.load_models_gpu`, as in ComfyUI itself.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import sys
+import traceback
+
+log = logging.getLogger("comfy_xdit_patch.worker")
+
+
+@dataclasses.dataclass
+class Groups:
+    sp: object
+    cfg: object
+    ulysses: object
+    ring: object
+
+
+def build_groups(mesh, rank: int) -> Groups:
+    import torch.distributed as dist
+
+    mine = {}
+
+    def make(kind, ranks):
+        # NOTE: collective; every rank creates every group, in the same order.
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine[kind] = g
+
+    for c in range(mesh.cfg):
+        make("sp", list(range(c * mesh.sp, (c + 1) * mesh.sp)))
+    for s in range(mesh.sp):
+        make("cfg", [c * mesh.sp + s for c in range(mesh.cfg)])
+    for c in range(mesh.cfg):
+        base = c * mesh.sp
+        for r in range(mesh.ring):  # ulysses ranks are consecutive, ring ranks strided
+            make("ulysses", [base + r * mesh.ulysses + u for u in range(mesh.ulysses)])
+        for u in range(mesh.ulysses):
+            make("ring", [base + r * mesh.ulysses + u for r in range(mesh.ring)])
+    return Groups(**mine)
+
+
+class Worker:
+    def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, model_cache: int):
+        if comfy_root not in sys.path:
+            sys.path.insert(0, comfy_root)
+        logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
+        import comfy.options  # noqa: F401  (argument parsing stays off: defaults)
+        from comfy.cli_args import args
+
+        if not use_gpu:
+            args.cpu = True
+        import torch
+
+        if not use_gpu:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        import comfy.model_management as mm
+
+        self.torch, self.mm = torch, mm
+        self.rank, self.world = rank, world
+        self.device = mm.get_torch_device()
+        self.attention_request = attention
+        self.attention = None
+        self._store_socket = None
+        self.capacity = model_cache
+        self.bases: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self.loaded: dict[str, object] = {}  # spec key -> patched clone on the device
+        self.meshes: dict = {}
+        self.counters = collections.Counter()
+
+    # --- start-up (Ray calls) ----------------------------------------------------------------------
+    def address(self) -> tuple[str, int, int]:
+        """(node ip, port of a listening socket for the rendezvous store, pid). Called on rank 0 only."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        # NOTE: the store listens on this pre-bound socket, so on a private cluster it is loopback only.
+        self._store_socket = socket.create_server((host, 0))
+        return host, self._store_socket.getsockname()[1], os.getpid()
+
+    def init_distributed(self, host: str, port: int, timeout_s: float) -> str:
+        import torch.distributed as dist
+
+        if host.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        listen = {"master_listen_fd": self._store_socket.fileno()} if self.rank == 0 else {}
+        store = dist.TCPStore(host, port, self.world, self.rank == 0, timeout=timeout, **listen)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        kw = {"device_id": self.device} if backend == "nccl" else {}
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout, **kw)
+        from . import attention
+
+        self.attention = attention.resolve(self.attention_request, self.device.type)
+        return self.attention
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # --- the serving loop (one long-running Ray call) ----------------------------------------------
+    def serve(self, address, authkey: bytes) -> str:
+        import torch.distributed as dist
+
+        from .channel import WorkerChannel
+        from .plans.layout import LayoutError
+
+        channel = WorkerChannel(address, authkey, self.rank, self.device, lambda t: dist.broadcast(t, src=0))
+        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release}
+        while True:
+            try:
+                seq, op, body = channel.recv()
+            except (EOFError, OSError):
+                return "closed"
+            if op == "close":
+                channel.close()
+                return "closed"
+            try:
+                with self.torch.inference_mode():
+                    result = handlers[op](body)
+                if result is not None:
+                    channel.reply(seq, result)
+            except LayoutError as e:  # every rank refuses alike, before any collective
+                channel.fail(seq, str(e), status="refused")
+            except Exception as e:  # reported to the driver, which decides what happens to the group
+                log.error("request %s (%s) failed:\n%s", seq, op, traceback.format_exc())
+                channel.fail(seq, f"{type(e).__name__}: {e}")
+
+    # --- requests ---------------------------------------------------------------------------------
+    def stats(self, body) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
+                "calls": self.counters["calls"], "loads": self.counters["loads"],
+                "models": list(self.bases), "max_memory": self._max_memory()}
+
+    def _max_memory(self) -> int:
+        cuda = self.torch.cuda
+        return cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _base(self, spec):
+        if spec.base_key in self.bases:
+            self.bases.move_to_end(spec.base_key)
+            return self.bases[spec.base_key]
+        while len(self.bases) >= self.capacity:
+            old_key, old = self.bases.popitem(last=False)
+            for key in [k for k, p in self.loaded.items() if p.model is old.model]:
+                del self.loaded[key]
+            self.mm.unload_model_and_clones(old)
+            log.info("evicted %s", old_key)
+        fn, fn_args = spec.recipe[0], spec.recipe[1]
+        patcher = fn(*fn_args, disable_dynamic=True)
+        if len(spec.recipe) > 2:
+            patcher = patcher[spec.recipe[2]]
+        self.counters["loads"] += 1
+        self.bases[spec.base_key] = patcher
+        return patcher
+
+    def prepare(self, spec) -> str:
+        """Make the model of `spec` (base + patches) current on the device."""
+        import ray
+
+        if spec.key not in self.loaded:
+            base = self._base(spec)
+            clone = base.clone()
+            patches = ray.get(spec.patches) if spec.patches is not None else {}
+            clone.patches = {k: list(v) for k, v in patches.items()}
+            clone.patches_uuid = spec.patches_uuid
+            for name, obj in spec.object_patches.items():
+                clone.add_object_patch(name, obj)
+            clone.force_cast_weights = spec.force_cast_weights
+            self.loaded = {k: p for k, p in self.loaded.items() if p.model is not base.model}
+            self.loaded[spec.key] = clone
+        self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
+        return "ready"
+
+    def release(self, body) -> str:
+        self.loaded.clear()
+        return "released"
+
+    def call(self, body) -> object:
+        from . import attention, plans
+
+        key, family, mesh, args, kwargs = body
+        patcher = self.loaded[key]
+        model = patcher.model.diffusion_model
+        plan = plans.by_family(family)
+        if mesh not in self.meshes:
+            groups = build_groups(mesh, self.rank)
+            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups))
+        groups, override = self.meshes[mesh]
+        out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, override)
+        self.counters["calls"] += 1
+        return out if self.rank == 0 else None
