@@ -77,11 +77,11 @@ def main() -> None:
         raise SystemExit(f"{comfy} is not a ComfyUI checkout (no comfy/model_management.py and main.py)")
     if not a.no_deps:
         ensure_torch()
-        if comfy:
-            pip("-r", os.path.join(comfy, "requirements.txt"))
-        pip("-r", os.path.join(HERE, "requirements.txt"))
+        files = [os.path.join(comfy, "requirements.txt")] if comfy else []
+        files.append(os.path.join(HERE, "requirements.txt"))
         if a.test:
-            pip("-r", os.path.join(HERE, "requirements-test.txt"))
+            files.append(os.path.join(HERE, "requirements-test.txt"))
+        pip(*[arg for f in files for arg in ("-r", f)])
     if comfy is None:
         print(locate.HOW_TO_GET, file=sys.stderr)
         if a.demo is not None or a.comfyui or a.base_directory:

@@ -207,6 +207,7 @@ class DriverChannel:
                 if status == "refused":
                     raise Unroutable(value)
                 if status == "error":
+                    self._raise_if_a_rank_died()  # a peer's death surfaces as a collective error
                     raise WorkerFailed(f"rank {rank}: {value}")
                 if data is not None:
                     skeleton, metas = value
@@ -214,6 +215,14 @@ class DriverChannel:
                 results[rank] = value
                 waiting.discard(rank)
         return results if all_reply else results[0]
+
+    def _raise_if_a_rank_died(self) -> None:
+        for rank, conn in enumerate(self._conns):
+            try:
+                while conn.poll(0):
+                    conn.recv()  # stale replies are dropped; a dead rank's connection gives EOF
+            except (OSError, EOFError) as e:
+                raise WorkerDied(f"rank {rank} went away ({e!r})") from e
 
     def close(self) -> None:
         for conn in self._conns:

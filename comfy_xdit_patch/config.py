@@ -49,6 +49,7 @@ class Config:
     load_timeout: float
     start_timeout: float
     attention: str
+    usp_kernel: str
     model_cache: int
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
@@ -131,7 +132,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_PARALLEL", "auto",
            "`auto`, or forced degrees such as `ulysses=2,ring=1,cfg=1` (product = ranks).", _parallel),
     EnvVar("COMFY_XDIT_RAY_ADDRESS", "private local cluster",
-           "Join this Ray cluster (`ray://` or `host:port`) instead of starting a private one on 127.0.0.1.", _text),
+           "Join this Ray cluster (`host:port` of its head) instead of starting a private one on 127.0.0.1.", _text),
     EnvVar("COMFY_XDIT_FALLBACK", "local",
            "`local`: a failed routed call runs in ComfyUI's process; `error`: it raises.", _choice("local", "error")),
     EnvVar("COMFY_XDIT_TIMEOUT", "120", "Seconds one routed model call may take before it falls back.", _seconds),
@@ -140,6 +141,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_ATTENTION", "auto",
            "Sequence-parallel attention: `auto`, `torch` (all-to-all + ComfyUI's attention), "
            "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "yunchang")),
+    EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
+           "yunchang kernel: `auto` (torch_flash on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
+           "`fa` (flash-attn), `fa3`.", _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
 )
@@ -181,6 +185,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         load_timeout=val.get("COMFY_XDIT_LOAD_TIMEOUT", 900.0),
         start_timeout=val.get("COMFY_XDIT_START_TIMEOUT", 180.0),
         attention=val.get("COMFY_XDIT_ATTENTION", "auto"),
+        usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         gpus=gpus,
     )

@@ -28,7 +28,7 @@ from .spec import SpecCache
 log = logging.getLogger("comfy_xdit_patch")
 
 KEY = "comfy_xdit_patch"
-MAX_RESTARTS = 2  # group restarts after transient failures before the plugin unpatches itself
+MAX_RESTARTS = 2  # consecutive runs with a transient failure that restart the group; the next unpatches
 
 
 @dataclasses.dataclass
@@ -38,6 +38,8 @@ class Run:
     spec: object = None
     local: bool = False  # the rest of this run stays in ComfyUI's process
     loaded_here: bool = False  # ComfyUI's process loaded the weights (then it owns their state)
+    routed: int = 0
+    here: int = 0
 
 
 class Router:
@@ -106,11 +108,16 @@ class Router:
                                 is_model_options=True)
         self.run = run
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
         finally:
             self.run = None
             if not run.loaded_here:
                 patcher.unpatch_model(unpatch_weights=False)  # object patches back as they were
+        if not run.local:
+            self.restarts = 0  # the restart budget counts consecutive failing runs
+        log.info("comfy_xdit_patch: %d of %d model calls ran on the %d-rank worker group", run.routed,
+                 run.routed + run.here, self.config.workers)
+        return out
 
     def _open(self, run: Run) -> None:
         # NOTE: weights this process still holds from an earlier local run would sit beside rank 0's.
@@ -156,12 +163,15 @@ class Router:
             self._failed(e, "a routed model call", run)
             return self._local(executor, run, args, kwargs)
         self.stats["routed_calls"] += 1
+        run.routed += 1
         return out.to(args[0].device)
 
     def _local(self, executor, run: Run | None, args, kwargs):
-        if run is not None and not run.loaded_here:
-            run.loaded_here = True
-            comfy.model_management.load_models_gpu([run.patcher])
+        if run is not None:
+            run.here += 1
+            if not run.loaded_here:
+                run.loaded_here = True
+                comfy.model_management.load_models_gpu([run.patcher])
         self.stats["local_calls"] += 1
         return executor(*args, **kwargs)
 

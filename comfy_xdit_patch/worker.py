@@ -52,7 +52,8 @@ def build_groups(mesh, rank: int) -> Groups:
 
 
 class Worker:
-    def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, model_cache: int):
+    def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
+                 model_cache: int):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -71,6 +72,7 @@ class Worker:
         self.rank, self.world = rank, world
         self.device = mm.get_torch_device()
         self.attention_request = attention
+        self.usp_kernel = usp_kernel
         self.attention = None
         self._store_socket = None
         self.capacity = model_cache
@@ -196,7 +198,7 @@ class Worker:
         plan = plans.by_family(family)
         if mesh not in self.meshes:
             groups = build_groups(mesh, self.rank)
-            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups))
+            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups, self.usp_kernel))
         groups, override = self.meshes[mesh]
         out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, override)
         self.counters["calls"] += 1

@@ -38,7 +38,7 @@ def check_mesh(mesh: Mesh, heads: int, backend: str) -> None:
         raise LayoutError("ring > 1 needs the yunchang backend (CUDA)")
 
 
-def factory(backend: str, mesh: Mesh, groups) -> Callable[[Shard], Callable]:
+def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto") -> Callable[[Shard], Callable]:
     """shard -> optimized_attention_override for that rank's piece of one call."""
 
     def torch_override(shard: Shard):
@@ -50,7 +50,7 @@ def factory(backend: str, mesh: Mesh, groups) -> Callable[[Shard], Callable]:
         return torch_override
     from . import usp
 
-    attn = usp.USPAttention(mesh, groups)
+    attn = usp.USPAttention(mesh, groups, kernel)
 
     def override(shard: Shard):
         return attn.override if shard.pad == 0 else torch_override(shard)

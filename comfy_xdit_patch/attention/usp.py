@@ -7,22 +7,19 @@ used with ring == 1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from yunchang import LongContextAttention
 from yunchang.globals import PROCESS_GROUP
 from yunchang.kernels import AttnType
 
-# Kernel used inside the ring / after the all-to-all, by device; COMFY_XDIT_USP_KERNEL overrides.
+# Kernel used inside the ring / after the all-to-all, by device (COMFY_XDIT_USP_KERNEL overrides).
 _KERNELS = {"cuda": AttnType.TORCH_FLASH, "cpu": AttnType.TORCH_MATH}
 
 
 class USPAttention:
-    def __init__(self, mesh, groups):
+    def __init__(self, mesh, groups, kernel: str = "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        kernel = os.environ.get("COMFY_XDIT_USP_KERNEL")
-        self.kernel = AttnType.from_string(kernel) if kernel else _KERNELS[device]
+        self.kernel = _KERNELS[device] if kernel == "auto" else AttnType.from_string(kernel)
         if mesh.ring > 1 and self.kernel == AttnType.TORCH_MATH:
             raise ValueError("ring attention needs a kernel that returns a true LSE (not torch_math)")
         # NOTE: yunchang reads its process groups from a process-wide singleton at construction.

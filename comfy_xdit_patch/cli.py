@@ -1,0 +1,65 @@
+"""comfy-xdit: demo (the default job), bench, doctor, env-table."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _doctor(_args) -> int:
+    from . import config, locate
+
+    root = locate.find_comfyui()
+    print(f"ComfyUI: {root or 'NOT FOUND - ' + locate.HOW_TO_GET}")
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"torch {torch.__version__}, {gpus} GPU(s)")
+    for mod in ("ray", "wrapt", "yunchang"):
+        try:
+            m = __import__(mod)
+            print(f"{mod} {getattr(m, '__version__', '')}")
+        except ImportError as e:
+            print(f"{mod}: MISSING ({e})")
+    try:
+        c = config.load(gpus=gpus)
+        print(f"config: {c}")
+    except config.ConfigError as e:
+        print(f"config: {e}")
+        return 1
+    return 0 if root else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="comfy-xdit", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="run a FLUX text-to-image workflow headless, plugin off and on")
+    d.add_argument("--checkpoint", help="an all-in-one FLUX checkpoint (diffusion model + text encoders + VAE)")
+    d.add_argument("--unet", help="a FLUX diffusion-model file (conditioning is then synthetic)")
+    d.add_argument("--size", type=int, help="image width = height (default 1024 on GPU, 256 on CPU)")
+    d.add_argument("--steps", type=int, help="sampling steps (default 20 on GPU, 8 on CPU)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, help="ranks (default: all GPUs; 2 on CPU)")
+    d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
+    b = sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("doctor", help="what the plugin finds on this machine")
+    sub.add_parser("env-table", help="print the README's environment-variable table")
+    a = ap.parse_args(argv)
+    if a.cmd == "demo":
+        from . import demo
+
+        return demo.run(a)
+    if a.cmd == "bench":
+        from . import bench
+
+        return bench.main(a.rest)
+    if a.cmd == "doctor":
+        return _doctor(a)
+    from . import config
+
+    print(config.markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

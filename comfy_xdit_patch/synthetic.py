@@ -1,0 +1,70 @@
+"""Stand-in weights in ComfyUI's own formats, for the demo, the benchmark and the tests.
+
+Shapes and key names come from ComfyUI's own module classes (built on the meta device), so ComfyUI
+detects the files as what they imitate: FLUX.1-dev (11.9 B parameters), a tiny FLUX (hidden size
+128 x heads), and a TAESD-style VAE for 16-channel latents.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
+                patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+TINY_CONTEXT_DIM = 32
+
+
+def tiny_flux(heads: int = 2, depth: int = 1, single: int = 2, context_dim: int = TINY_CONTEXT_DIM,
+              seed: int = 0, **overrides) -> dict:
+    """A FLUX-dev-shaped model small enough for a CPU, with torch's default initialisation (fp32)."""
+    import comfy.ldm.flux.model as flux
+
+    params = dict(FLUX_DEV, hidden_size=128 * heads, num_heads=heads, depth=depth, depth_single_blocks=single,
+                  context_in_dim=context_dim)
+    params.update(overrides)
+    torch.manual_seed(seed)
+    model = flux.Flux(**params, operations=torch.nn)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def flux_dev(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """FLUX.1-dev's exact keys and shapes, random N(0, 0.02) weights, norm scales 1; built on `device`."""
+    import comfy.ldm.flux.model as flux
+    import comfy.ops
+
+    with torch.device("meta"):
+        meta = flux.Flux(**FLUX_DEV, operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, t in meta.state_dict().items():
+        w = torch.empty(t.shape, dtype=dtype, device=device)
+        if name.endswith(("norm.weight", "norm.scale", "query_norm.weight", "key_norm.weight")):
+            w.fill_(1)
+        else:
+            w.normal_(0, 0.02, generator=gen)
+        out[name] = w
+    return out
+
+
+def taesd_vae(latent_channels: int = 16, seed: int = 0) -> dict:
+    """A TAESD-format VAE (ComfyUI's VAELoader detects it) with random weights."""
+    import comfy.taesd.taesd as taesd
+
+    torch.manual_seed(seed)
+    model = taesd.TAESD(latent_channels=latent_channels)
+    for m in model.modules():  # ComfyUI's layers skip initialisation; torch's own does it
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.Conv2d.reset_parameters(m)
+        elif isinstance(m, torch.nn.GroupNorm):
+            torch.nn.GroupNorm.reset_parameters(m)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def save(sd: dict, path: str) -> str:
+    import safetensors.torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path

@@ -1,0 +1,49 @@
+"""The environment contract: values, defaults, one clear message per bad value, README in step."""
+import os
+
+import pytest
+
+from comfy_xdit_patch import config as cfg
+
+
+def test_defaults_follow_the_hardware():
+    assert cfg.load({}, gpus=0).enabled is False
+    assert cfg.load({}, gpus=1).enabled is False
+    on = cfg.load({}, gpus=4)
+    assert on.enabled and on.workers == 4 and on.use_gpu
+    cpu = cfg.load({"COMFY_XDIT": "1"}, gpus=0)
+    assert cpu.enabled and cpu.workers == 2 and not cpu.use_gpu
+    assert cfg.load({"COMFY_XDIT_DEVICES": "1,3"}, gpus=4).workers == 2
+    assert cfg.load({"COMFY_XDIT": "0"}, gpus=8).enabled is False
+
+
+def test_explicit_values():
+    c = cfg.load({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "4", "COMFY_XDIT_PARALLEL": "cfg=2,ulysses=2",
+                  "COMFY_XDIT_FALLBACK": "error", "COMFY_XDIT_TIMEOUT": "2.5",
+                  "COMFY_XDIT_RAY_ADDRESS": "10.0.0.1:6379"}, gpus=0)
+    assert c.parallel == cfg.Degrees(cfg=2, ulysses=2, ring=1)
+    assert (c.fallback, c.timeout, c.ray_address) == ("error", 2.5, "10.0.0.1:6379")
+
+
+@pytest.mark.parametrize("env,var", [
+    ({"COMFY_XDIT": "maybe"}, "COMFY_XDIT"),
+    ({"COMFY_XDIT_WORKERS": "0"}, "COMFY_XDIT_WORKERS"),
+    ({"COMFY_XDIT_WORKERS": "3"}, "COMFY_XDIT_WORKERS"),  # 2 GPUs visible
+    ({"COMFY_XDIT_DEVICES": "0,0"}, "COMFY_XDIT_DEVICES"),
+    ({"COMFY_XDIT_DEVICES": "5"}, "COMFY_XDIT_DEVICES"),
+    ({"COMFY_XDIT_PARALLEL": "ulysses=3"}, "COMFY_XDIT_PARALLEL"),  # product != ranks
+    ({"COMFY_XDIT_PARALLEL": "tensor=2"}, "COMFY_XDIT_PARALLEL"),
+    ({"COMFY_XDIT_FALLBACK": "retry"}, "COMFY_XDIT_FALLBACK"),
+    ({"COMFY_XDIT_TIMEOUT": "-1"}, "COMFY_XDIT_TIMEOUT"),
+    ({"COMFY_XDIT_ATTENTION": "flash"}, "COMFY_XDIT_ATTENTION"),
+])
+def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(env, gpus=2)
+    assert e.value.var == var
+    assert var in str(e.value) and "accepted" in str(e.value)
+
+
+def test_readme_lists_every_variable():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    assert cfg.markdown_table() in readme, "README's variable table is stale: python -m comfy_xdit_patch.cli env-table"

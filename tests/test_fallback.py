@@ -1,0 +1,108 @@
+"""Any failure on the routed path: the prompt still succeeds with ComfyUI's image; what happens next."""
+import dataclasses
+import os
+import shutil
+import signal
+import threading
+
+import comfy.model_management
+import comfy.sample
+import pytest
+import torch
+
+import tiny
+from conftest import TOL, assert_originals
+
+
+def sample(model, pos, neg, latent, steps=4, callback=None, seed=3):
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, latent["samples"],
+                               callback=callback, disable_pbar=True, seed=seed)
+
+
+@pytest.fixture
+def setup(load_flux, tiny_flux):
+    return load_flux(tiny_flux), tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48)
+
+
+def test_worker_killed_mid_sampling(router, unrouted, setup):
+    model, pos, neg, latent = setup
+    with unrouted():
+        reference = sample(model, pos, neg, latent)
+    sample(model, pos, neg, latent, steps=1)  # group up and model prepared
+    group = router.group
+    starts, fallbacks, routed = router.stats["group_starts"], router.stats["fallbacks"], router.stats["routed_calls"]
+
+    def kill_rank_1(step, *_):
+        if step == 1:
+            os.kill(group.pids[1], signal.SIGKILL)
+
+    out = sample(model, pos, neg, latent, callback=kill_rank_1)
+    assert (out - reference).abs().max().item() <= TOL
+    assert router.stats["fallbacks"] == fallbacks + 1
+    assert router.stats["routed_calls"] == routed + 2  # steps 0 and 1 routed, 2 and 3 local
+    # What happens next (README): the group is shut down, the plugin stays on, and the next
+    # sampling run starts a fresh group.
+    assert router.active and router.group is None
+    again = sample(model, pos, neg, latent)
+    assert (again - reference).abs().max().item() <= TOL
+    assert router.stats["group_starts"] == starts + 1 and router.stats["routed_calls"] == routed + 2 + 4
+
+
+def test_timeout_falls_back_and_restarts(router, unrouted, setup):
+    model, pos, neg, _ = setup
+    big = tiny.latent(1024, 1024)  # a routed step here takes far longer than the timeout below
+    with unrouted():
+        reference = sample(model, pos, neg, big, steps=1)
+    sample(model, pos, neg, tiny.latent(64, 64), steps=1)
+    starts = router.stats["group_starts"]
+    router.group.config = dataclasses.replace(router.group.config, timeout=0.05)  # COMFY_XDIT_TIMEOUT
+    out = sample(model, pos, neg, big, steps=1)
+    assert (out - reference).abs().max().item() <= TOL
+    assert router.active and router.group is None  # torn down, not unpatched
+    sample(model, pos, neg, tiny.latent(64, 64), steps=1)
+    assert router.stats["group_starts"] == starts + 1
+
+
+def test_interrupt_is_never_swallowed(router, load_flux, tiny_flux):
+    model = load_flux(tiny_flux)
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    big = tiny.latent(1024, 1024)  # one routed step takes long enough to interrupt it mid-wait
+    sample(model, pos, neg, tiny.latent(64, 64), steps=1)
+    fallbacks = router.stats["fallbacks"]
+    timer = threading.Timer(0.3, comfy.model_management.interrupt_current_processing, (True,))
+    timer.start()
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            sample(model, pos, neg, big, steps=2)
+    finally:
+        timer.cancel()
+        comfy.model_management.interrupt_current_processing(False)
+    assert router.active and router.stats["fallbacks"] == fallbacks
+    # the abandoned reply is drained: the next run is routed and right
+    small = tiny.latent(64, 64)
+    out = sample(model, pos, neg, small, steps=2)
+    assert torch.isfinite(out).all() and router.group is not None
+
+
+def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, tmp_path, load_flux):
+    """The workers can't load the model (its file is gone): ComfyUI's result, then unpatched."""
+    from comfy_xdit_patch import patch
+
+    path = shutil.copy(tiny_flux, tmp_path / "soon_gone.safetensors")
+    model = load_flux(str(path))
+    pos, neg, latent = tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48)
+    with unrouted():
+        reference = sample(model, pos, neg, latent)
+    os.remove(path)
+    patch.uninstall()  # a fresh plugin instance for this destructive test; the session one comes back after
+    fresh = patch.install(config)
+    try:
+        out = sample(model, pos, neg, latent)
+        assert (out - reference).abs().max().item() <= TOL
+        assert fresh.disabled and "FileNotFoundError" in fresh.disabled
+        assert not patch.installed()
+        assert_originals()
+    finally:
+        patch.uninstall()
+        patch.install(config, router=router)

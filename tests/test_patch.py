@@ -1,0 +1,83 @@
+"""Attaching and detaching: the toggle, bad values, exact originals, what is left alone."""
+import logging
+
+import comfy.model_management
+import comfy.samplers
+import pytest
+
+from comfy_xdit_patch import patch, plans
+from conftest import assert_originals
+
+
+def test_installed_wrappers_and_exact_restore(router, unrouted):
+    assert patch.installed()
+    assert comfy.samplers.CFGGuider.__dict__["sample"].__wrapped__ is not None
+    with unrouted():
+        assert_originals()
+    assert patch.installed()
+
+
+@pytest.fixture
+def hook(monkeypatch, unrouted):
+    """Run the custom-node start-up hook as ComfyUI would, with the session plugin detached."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "hooks", "custom_node.py")
+    spec = importlib.util.spec_from_file_location("xdit_hook_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(env: dict):
+        for k in list(os.environ):
+            if k.startswith("COMFY_XDIT"):
+                monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with unrouted():
+            result = module.on_load()
+            try:
+                if result is None:
+                    assert_originals()
+                return result
+            finally:
+                if result is not None:
+                    patch.uninstall()
+
+    return run
+
+
+def test_toggle_off_installs_nothing(hook):
+    assert hook({"COMFY_XDIT": "0"}) is None
+    assert hook({}) is None  # unset: on only with >= 2 GPUs; this machine has none
+
+
+def test_toggle_on_installs(hook):
+    router = hook({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"})
+    assert router is not None and router.config.workers == 2
+
+
+@pytest.mark.parametrize("var,value", [("COMFY_XDIT_WORKERS", "two"), ("COMFY_XDIT_PARALLEL", "ring=banana"),
+                                       ("COMFY_XDIT_FALLBACK", "sometimes")])
+def test_bad_value_leaves_comfyui_unpatched_with_one_message(hook, caplog, var, value):
+    with caplog.at_level(logging.ERROR, logger="comfy_xdit_patch"):
+        assert hook({"COMFY_XDIT": "1", var: value}) is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "comfy_xdit_patch"]
+    assert len(lines) == 1 and var in lines[0] and "accepted" in lines[0]
+
+
+def test_only_flux_family_models_have_a_plan():
+    import comfy.ldm.flux.model as flux
+    import comfy.ldm.modules.diffusionmodules.openaimodel as unet
+    import comfy.ldm.wan.model as wan
+
+    assert plans.plan_for(object.__new__(flux.Flux)).family == "flux"
+    for other in (unet.UNetModel, wan.WanModel):  # SDXL/SD1.5, Wan
+        assert plans.plan_for(object.__new__(other)) is None
+
+
+def test_other_models_are_not_skipped_by_load_models_gpu(router, load_flux, tiny_flux):
+    """Only the routed model of the current run is kept off; anything else loads as usual."""
+    model = load_flux(tiny_flux)
+    comfy.model_management.load_models_gpu([model])
+    assert any(m.model is model.model for m in comfy.model_management.loaded_models())

@@ -1,0 +1,50 @@
+"""End to end: ComfyUI's server (main.py --cpu) with the plugin installed as README says, a stock
+API-format workflow POSTed to /prompt with the plugin on and off: the saved images agree."""
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_xdit_patch import headless, synthetic
+from conftest import COMFYUI, REPO
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, router):
+    router.close_group()  # this machine has 2 cores: the servers' ranks get them to themselves
+    base = headless.prepare_base(str(tmp_path_factory.mktemp("comfy_base")), REPO)
+    synthetic.save(synthetic.tiny_flux(seed=0), os.path.join(base, "models/diffusion_models/tiny_flux.safetensors"))
+    synthetic.save(synthetic.taesd_vae(16, seed=0), os.path.join(base, "models/vae/tiny_taesd16.safetensors"))
+    return base
+
+
+WORKFLOW = headless.flux_workflow(96, 80, steps=4, seed=5, unet="tiny_flux.safetensors",
+                                  vae="tiny_taesd16.safetensors", context_dim=synthetic.TINY_CONTEXT_DIM)
+
+
+def render(base_dir, env, name):
+    with headless.Server(COMFYUI, base_dir, env=dict(env, COMFY_XDIT_WORKERS="2"), cpu=True,
+                         log_path=os.path.join(base_dir, f"{name}.log")) as server:
+        result = server.run(WORKFLOW, timeout=600)
+        log = server.log()
+    assert len(result["images"]) == 1
+    return np.asarray(Image.open(result["images"][0])).astype(np.int16), log
+
+
+def test_images_agree_with_plugin_on_and_off(base_dir):
+    on, log_on = render(base_dir, {"COMFY_XDIT": "1"}, "on")
+    off, log_off = render(base_dir, {"COMFY_XDIT": "0"}, "off")
+    assert "worker group ready: 2 ranks" in log_on
+    assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log_on)
+    assert "comfy_xdit_patch: off" in log_off and "worker group" not in log_off
+    assert on.shape == off.shape == (80, 96, 3)
+    assert on.std() > 1, "the test VAE should draw a non-uniform picture"
+    assert np.abs(on - off).max() <= 1
+
+
+def test_bad_value_starts_comfyui_unpatched_and_serving(base_dir):
+    img, log = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_FALLBACK": "maybe"}, "bad")
+    assert "COMFY_XDIT_FALLBACK='maybe' is not valid" in log
+    assert "worker group" not in log and img.shape == (80, 96, 3)
