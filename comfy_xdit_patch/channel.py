@@ -4,7 +4,7 @@ Ray only places and supervises the workers. Each rank holds one authenticated lo
 (multiprocessing.connection) to the driver. A request is a small pickled header sent to every rank,
 plus ONE byte buffer with the tensors that rank 0 has not seen yet, sent to rank 0 only; rank 0
 broadcasts it to the other ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not
-grow with the number of ranks. Tensors repeated from step to step (the T5 context, pooled vector,
+grow with the number of ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
 reference latents) are recognised with torch.equal and cross once per sampling run: both sides keep
 the same small LRU of them, which the driver orders.
 """
@@ -150,20 +150,24 @@ class DriverChannel:
         return slot
 
     def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,
-                alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None):
-        """Send op to every rank and wait for rank 0's reply (or every rank's, with all_reply)."""
+                alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None,
+                keep: list = ()):
+        """Send op to every rank and wait for rank 0's reply (or every rank's, with all_reply).
+
+        Tensors of `body` that are in `keep` are cached on the ranks across requests."""
         with self._lock:
             self._seq += 1
             seq = self._seq
             tensors: list[torch.Tensor] = []
             skeleton = _flatten(body, tensors)
             metas, new = [], []
+            cacheable = {id(t) for t in keep if t.numel() * t.element_size() >= _CACHE_MIN_BYTES}
             for t in tensors:
-                slot = self._cached(t) if t.numel() * t.element_size() >= _CACHE_MIN_BYTES else -1
+                slot = self._cached(t) if id(t) in cacheable else -1
                 if slot >= 0:
                     metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, slot))
                     continue
-                store = self._store(t) if t.numel() * t.element_size() >= _CACHE_MIN_BYTES else -1
+                store = self._store(t) if id(t) in cacheable else -1
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, 0, store))
                 new.append(t)
             offsets, buf = _pack(new) if new else ([], None)

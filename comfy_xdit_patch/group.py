@@ -154,11 +154,13 @@ class WorkerGroup:
     def prepare(self, spec) -> None:
         self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
 
-    def call(self, key: str, family: str, mesh, args, kwargs):
-        return self.request("call", (key, family, mesh, args, kwargs))
+    def call(self, key: str, family: str, mesh, chunks: int, call):
+        return self.channel.request("call", (key, family, mesh, chunks, call.args, call.kwargs),
+                                    timeout=self.config.timeout, alive=self.check_alive,
+                                    interrupted=self._interrupted, keep=call.static)
 
-    def stats(self) -> list[dict]:
-        replies = self.request("stats", all_reply=True)
+    def stats(self, reset: bool = False) -> list[dict]:
+        replies = self.request("stats", reset, all_reply=True)
         return [replies[r] for r in range(self.world)]
 
     def shutdown(self) -> None:

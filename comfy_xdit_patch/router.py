@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 
 import comfy.model_management
 import comfy.model_patcher
@@ -24,6 +25,7 @@ from .config import Config
 from .errors import RoutingError, Unroutable
 from .plans.layout import LayoutError
 from .spec import SpecCache
+from .tuning import ChunkTuner
 
 log = logging.getLogger("comfy_xdit_patch")
 
@@ -49,6 +51,8 @@ class Router:
         self.run: Run | None = None
         self.specs = SpecCache()
         self.stats = collections.Counter()
+        self.timing = collections.Counter()  # seconds spent in routed calls, as ComfyUI's process sees them
+        self.tuner = ChunkTuner(config.a2a_chunks)
         self.disabled: str | None = None
         self.restarts = 0
         self._on_disable = on_disable
@@ -152,16 +156,23 @@ class Router:
         if run is None or run.local or not self.active:
             return self._local(executor, run, args, kwargs)
         model = executor.class_obj
-        reason, send_args, send_kwargs = plans.check(run.plan, model, args, kwargs)
+        call = plans.check(run.plan, model, args, kwargs)
         try:
-            if reason:
-                raise Unroutable(reason)
-            mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], plans.heads(run.plan, model),
-                                            self.config.parallel, self.group.attention == "yunchang")
-            out = self.group.call(run.spec.key, run.plan.family, mesh, send_args, send_kwargs)
+            if call.reason:
+                raise Unroutable(call.reason)
+            heads = plans.heads(run.plan, model)
+            mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
+                                            "yunchang" in self.group.attention)
+            shape = (tuple(args[0].shape), mesh)
+            chunks = self.tuner.choose(shape, heads // mesh.ulysses)
+            t0 = time.perf_counter()
+            out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call)
+            seconds = time.perf_counter() - t0
         except Exception as e:
             self._failed(e, "a routed model call", run)
             return self._local(executor, run, args, kwargs)
+        self.tuner.record(shape, chunks, seconds)
+        self.timing["call_seconds"] += seconds
         self.stats["routed_calls"] += 1
         run.routed += 1
         return out.to(args[0].device)

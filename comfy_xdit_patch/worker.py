@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import socket
 import sys
+import time
 import traceback
 
 log = logging.getLogger("comfy_xdit_patch.worker")
@@ -80,6 +82,8 @@ class Worker:
         self.loaded: dict[str, object] = {}  # spec key -> patched clone on the device
         self.meshes: dict = {}
         self.counters = collections.Counter()
+        self.busy = 0.0  # seconds in model calls, device work included
+        self.load_seconds = 0.0
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
     def address(self) -> tuple[str, int, int]:
@@ -140,10 +144,15 @@ class Worker:
                 channel.fail(seq, f"{type(e).__name__}: {e}")
 
     # --- requests ---------------------------------------------------------------------------------
-    def stats(self, body) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
-                "calls": self.counters["calls"], "loads": self.counters["loads"],
-                "models": list(self.bases), "max_memory": self._max_memory()}
+    def stats(self, reset) -> dict:
+        out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
+               "calls": self.counters["calls"], "loads": self.counters["loads"], "busy_seconds": self.busy,
+               "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
+        if reset:
+            self.counters["calls"], self.busy = 0, 0.0
+            if self.device.type == "cuda":
+                self.torch.cuda.reset_peak_memory_stats(self.device)
+        return out
 
     def _max_memory(self) -> int:
         cuda = self.torch.cuda
@@ -171,6 +180,7 @@ class Worker:
         """Make the model of `spec` (base + patches) current on the device."""
         import ray
 
+        t0 = time.perf_counter()
         if spec.key not in self.loaded:
             base = self._base(spec)
             clone = base.clone()
@@ -183,6 +193,7 @@ class Worker:
             self.loaded = {k: p for k, p in self.loaded.items() if p.model is not base.model}
             self.loaded[spec.key] = clone
         self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
+        self.load_seconds = time.perf_counter() - t0
         return "ready"
 
     def release(self, body) -> str:
@@ -192,14 +203,18 @@ class Worker:
     def call(self, body) -> object:
         from . import attention, plans
 
-        key, family, mesh, args, kwargs = body
+        t0 = time.perf_counter()
+        key, family, mesh, chunks, args, kwargs = body
         patcher = self.loaded[key]
         model = patcher.model.diffusion_model
         plan = plans.by_family(family)
         if mesh not in self.meshes:
             groups = build_groups(mesh, self.rank)
             self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups, self.usp_kernel))
-        groups, override = self.meshes[mesh]
-        out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, override)
+        groups, make = self.meshes[mesh]
+        out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, functools.partial(make, chunks=chunks))
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
         self.counters["calls"] += 1
+        self.busy += time.perf_counter() - t0
         return out if self.rank == 0 else None

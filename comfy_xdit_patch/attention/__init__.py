@@ -1,10 +1,11 @@
 """Sequence-parallel attention backends, chosen per worker and per call.
 
-- `torch`: Ulysses over torch.distributed all-to-all + ComfyUI's own attention function (SDPA, flash,
-  sage: whatever ComfyUI was started with). Exact for any token count (filler keys are dropped).
-  Needs heads % ulysses == 0 and ring == 1. Runs on CPU (gloo) and GPU (NCCL).
-- `yunchang`: yunchang's USP (Ulysses x Ring) with torch SDPA kernels that return a usable LSE.
-  CUDA only; used when the token count divides (no filler), required when ring > 1.
+- `torch`: Ulysses over torch.distributed all-to-all, pipelined by head pieces, with ComfyUI's own
+  attention function (SDPA, flash, sage: whatever ComfyUI was started with). Exact for any token
+  count (filler keys are dropped). Needs heads % ulysses == 0 and ring == 1. CPU (gloo) and GPU (NCCL).
+- `yunchang`: yunchang's USP (Ulysses x Ring), whose ring merges blocks by log-sum-exp. Needed when
+  ring > 1 (CUDA); only for token counts that divide (a ring block can't drop filler keys).
+`auto` uses `torch` when ring == 1 and `yunchang` when ring > 1.
 """
 from __future__ import annotations
 
@@ -17,42 +18,38 @@ from . import ulysses
 log = logging.getLogger(__name__)
 
 
+def yunchang_available() -> bool:
+    try:
+        from . import usp  # noqa: F401
+    except ImportError as e:
+        log.info("yunchang unavailable (%s)", e)
+        return False
+    return True
+
+
 def resolve(requested: str, device_type: str) -> str:
-    """'auto' -> 'yunchang' on CUDA when it imports, else 'torch'."""
-    if requested != "auto":
-        return requested
-    if device_type == "cuda":
-        try:
-            from . import usp  # noqa: F401
-
-            return "yunchang"
-        except ImportError as e:
-            log.info("yunchang unavailable (%s); using torch all-to-all attention", e)
-    return "torch"
+    """What this worker can do: 'torch', 'torch+yunchang' (auto, ring possible) or 'yunchang' (forced)."""
+    if requested == "torch":
+        return "torch"
+    if requested == "yunchang":
+        return "yunchang"
+    return "torch+yunchang" if device_type == "cuda" and yunchang_available() else "torch"
 
 
-def check_mesh(mesh: Mesh, heads: int, backend: str) -> None:
-    if heads % mesh.ulysses:
-        raise LayoutError(f"{heads} heads don't divide over ulysses={mesh.ulysses}")
-    if mesh.ring > 1 and backend != "yunchang":
-        raise LayoutError("ring > 1 needs the yunchang backend (CUDA)")
+def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto") -> Callable[[Shard, int], Callable]:
+    """(shard, chunks) -> optimized_attention_override for one rank's piece of one call."""
+    usp_attn = None
+    if backend == "yunchang" or (mesh.ring > 1 and "yunchang" in backend):
+        from . import usp
 
+        usp_attn = usp.USPAttention(mesh, groups, kernel)
 
-def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto") -> Callable[[Shard], Callable]:
-    """shard -> optimized_attention_override for that rank's piece of one call."""
-
-    def torch_override(shard: Shard):
+    def make(shard: Shard, chunks: int = 1):
+        if usp_attn is not None and shard.pad == 0:
+            return usp_attn.override
         if mesh.ring > 1:
-            raise LayoutError(f"{shard.total} tokens don't divide over {mesh.sp} ranks; ring can't drop filler")
-        return ulysses.make_override(groups.sp, mesh.sp, shard.total)
+            raise LayoutError(f"{shard.total} tokens don't divide over {mesh.sp} ranks: a ring can't drop filler"
+                              if usp_attn is not None else "ring > 1 needs yunchang on CUDA")
+        return ulysses.make_override(groups.sp, mesh.sp, shard.total, chunks)
 
-    if backend != "yunchang":
-        return torch_override
-    from . import usp
-
-    attn = usp.USPAttention(mesh, groups, kernel)
-
-    def override(shard: Shard):
-        return attn.override if shard.pad == 0 else torch_override(shard)
-
-    return override
+    return make

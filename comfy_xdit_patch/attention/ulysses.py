@@ -1,8 +1,12 @@
-"""Ulysses attention with plain torch.distributed all-to-all (any backend: gloo on CPU, NCCL on GPU).
+"""Ulysses attention over torch.distributed all-to-all (any backend: gloo on CPU, NCCL on GPU).
 
-Each rank holds `chunk` tokens of every head. One all-to-all (q, k and v fused) gives every rank the
+Each rank holds `chunk` tokens of every head. An all-to-all (q, k and v fused) gives every rank the
 whole sequence for heads/world of the heads; ComfyUI's own attention function runs on that; a second
 all-to-all brings each token's output back to its rank.
+
+With `chunks` > 1 the heads are exchanged in that many pieces, all launched at once (asynchronous,
+NCCL's stream), and the attention of piece c runs while piece c+1 arrives and piece c-1's output
+leaves: the exchange hides behind the attention. Per-head results are the same for any `chunks`.
 """
 from __future__ import annotations
 
@@ -10,31 +14,15 @@ import torch
 import torch.distributed as dist
 
 
-def _exchange(t: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty_like(t)
-    # NOTE: collective over the sequence-parallel group; equal splits along dim 0 (one per rank).
-    dist.all_to_all_single(out, t, group=group)
-    return out
+def _exchange(send: torch.Tensor, group):
+    recv = torch.empty_like(send)
+    # NOTE: collective over the sequence-parallel group, equal splits along dim 0 (one per rank);
+    # every rank launches the same exchanges in the same order.
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return recv, work
 
 
-def scatter_heads(qkv: torch.Tensor, world: int, group) -> torch.Tensor:
-    """(3, B, H, chunk, D) local tokens, all heads -> (3, B, H/world, world*chunk, D) all tokens, my heads."""
-    n, b, h, chunk, d = qkv.shape
-    send = qkv.reshape(n, b, world, h // world, chunk, d).permute(2, 0, 1, 3, 4, 5).contiguous()
-    recv = _exchange(send, group)  # (world: source rank, 3, B, H/world, chunk, D)
-    return recv.permute(1, 2, 3, 0, 4, 5).reshape(n, b, h // world, world * chunk, d)
-
-
-def gather_heads(out: torch.Tensor, world: int, heads: int, group) -> torch.Tensor:
-    """(B, world*chunk, H/world * D) my heads, all tokens -> (B, chunk, H * D) all heads, local tokens."""
-    b, length, _ = out.shape
-    chunk = length // world
-    send = out.reshape(b, world, chunk, heads // world, -1).permute(1, 0, 2, 3, 4).contiguous()
-    recv = _exchange(send, group)  # (world: head group, B, chunk, H/world, D)
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, chunk, -1)
-
-
-def make_override(group, world: int, total: int):
+def make_override(group, world: int, total: int, chunks: int = 1):
     """optimized_attention_override for ComfyUI's attention calls inside one sharded model call.
 
     `total` is the number of real tokens; anything past it in the gathered sequence is filler.
@@ -44,9 +32,24 @@ def make_override(group, world: int, total: int):
         if not skip_reshape or kwargs.get("mask") is not None or heads % world:
             # NOTE: FLUX always passes (B, H, L, D) with no mask; anything else is a bug upstream of us.
             raise RuntimeError("sequence-parallel attention needs (B,H,L,D) q/k/v, no mask, heads % ranks == 0")
-        full = scatter_heads(torch.stack((q, k, v)), world, group)
-        q_all, k_all, v_all = full[0], full[1, :, :, :total], full[2, :, :, :total]
-        out = func(q_all, k_all, v_all, heads // world, *args, skip_reshape=True, **kwargs)
-        return gather_heads(out, world, heads, group)
+        b, _, length, d = q.shape
+        per = heads // world  # heads this rank attends
+        g = chunks if per % chunks == 0 else 1
+        h = per // g
+        # head index = rank j * per + piece c * h + i  ->  send piece c: (world j, 3, B, h, L, D)
+        qkv = torch.stack((q, k, v)).reshape(3, b, world, g, h, length, d)
+        incoming = [_exchange(qkv[:, :, :, c].permute(2, 0, 1, 3, 4, 5).contiguous(), group) for c in range(g)]
+        outgoing = []
+        for recv, work in incoming:
+            work.wait()
+            full = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h, world * length, d)
+            out = func(full[0], full[1, :, :, :total], full[2, :, :, :total], h, *args, skip_reshape=True, **kwargs)
+            outgoing.append(_exchange(out.reshape(b, world, length, h, d).permute(1, 0, 2, 3, 4).contiguous(), group))
+        pieces = []
+        for recv, work in outgoing:
+            work.wait()
+            pieces.append(recv)  # (world j, B, L, h, D)
+        out = torch.stack(pieces, dim=1)  # (world, g, B, L, h, D)
+        return out.permute(2, 3, 0, 1, 4, 5).reshape(b, length, heads * d)
 
     return override

@@ -35,6 +35,8 @@ class Plan:
     defaults: tuple[tuple[str, str], ...] = ()
     # entry arguments that must be None on a worker (a safety net behind `refuse`)
     entry_none: tuple[str, ...] = ()
+    # forward() arguments that stay the same for a whole sampling run (they cross once per run)
+    static: tuple[str, ...] = ()
 
     def model_type(self) -> type | None:
         module, _, name = self.model_class.partition(":")
@@ -80,8 +82,15 @@ def bind(model, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(model._forward).bind(*args, **kwargs)
 
 
-def check(plan: Plan, model, args: tuple, kwargs: dict) -> tuple[str | None, tuple, dict]:
-    """(reason it must run locally or None, args, kwargs with transformer_options made sendable)."""
+@dataclasses.dataclass
+class Checked:
+    reason: str | None  # why it must run locally, or None
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)  # transformer_options made sendable
+    static: list = dataclasses.field(default_factory=list)  # tensors that repeat through the run
+
+
+def check(plan: Plan, model, args: tuple, kwargs: dict) -> Checked:
     bound = bind(model, args, kwargs)
     extra = bound.arguments.get("kwargs", {})
     defaults = dict(plan.defaults)
@@ -90,21 +99,24 @@ def check(plan: Plan, model, args: tuple, kwargs: dict) -> tuple[str | None, tup
         if got is None and name in defaults:
             got = operator.attrgetter(defaults[name])(model)
         if (value is None and got is not None) or (value is not None and got == value):
-            return why, args, kwargs
+            return Checked(why)
     options = dict(bound.arguments.get("transformer_options") or {})
     for key in _DROPPED_OPTIONS:
         options.pop(key, None)
     for key in ("patches", "patches_replace"):
         if any(options.pop(key, {}).values()):
-            return f"transformer_options['{key}'] set by another node", args, kwargs
+            return Checked(f"transformer_options['{key}'] set by another node")
     for key, value in options.items():
         if not _plain(value):
-            return f"transformer_options['{key}'] holds {type(value).__name__}", args, kwargs
+            return Checked(f"transformer_options['{key}'] holds {type(value).__name__}")
     for name, value in bound.arguments.items():
         if name != "transformer_options" and not _plain(value):
-            return f"argument {name} holds {type(value).__name__}", args, kwargs
+            return Checked(f"argument {name} holds {type(value).__name__}")
     bound.arguments["transformer_options"] = options
-    return None, bound.args, bound.kwargs
+    static = []
+    for name in plan.static:
+        _map_tensors(bound.arguments.get(name, extra.get(name)), static.append)
+    return Checked(None, bound.args, bound.kwargs, static)
 
 
 # --- the worker's side: run one call over a mesh ---------------------------------------------------

@@ -12,6 +12,7 @@ _COMMON = dict(
     img=("img", "img_ids"),
     control="control",
     heads="num_heads",
+    static=("context", "y", "ref_latents"),
 )
 
 FLUX = Plan(

@@ -1,0 +1,104 @@
+"""Sharding on its own, over N gloo ranks: attention backends vs full attention, the FLUX plan vs the
+whole model (sequence and CFG/batch splits, filler, ControlNet residuals, reference latents)."""
+import os
+
+import pytest
+import torch
+
+import ranks
+from comfy_xdit_patch.plans import layout
+
+
+def test_split_covers_every_token_once_with_filler_only_at_the_end():
+    for txt, img, world in [(8, 16, 2), (8, 15, 2), (512, 4096, 8), (7, 100, 4), (5, 9, 4)]:
+        shards = layout.split(txt, img, world)
+        assert [s.txt for s in shards][0][0] == 0 and shards[-1].txt[1] == txt
+        assert shards[-1].img[1] == img and all(a.img[1] == b.img[0] for a, b in zip(shards, shards[1:]))
+        assert all(s.txt[1] > s.txt[0] and s.img_len > 0 for s in shards)
+        assert all(s.txt[1] - s.txt[0] + s.img_len + s.pad == s.chunk for s in shards)
+        assert all(s.pad == 0 for s in shards[:-1]) and sum(s.pad for s in shards) == world * shards[0].chunk - txt - img
+    with pytest.raises(layout.LayoutError):
+        layout.split(1, 100, 2)
+
+
+def test_auto_layout():
+    assert layout.choose_mesh(2, 2, 24, None, False) == layout.Mesh(2, 1, 1)  # cfg 3.5 on 2 ranks -> cfg 2
+    assert layout.choose_mesh(4, 2, 24, None, False) == layout.Mesh(2, 2, 1)  # 4 ranks -> cfg 2 x ulysses 2
+    assert layout.choose_mesh(2, 1, 24, None, False) == layout.Mesh(1, 2, 1)  # cfg 1: sequence parallel
+    assert layout.choose_mesh(8, 1, 24, None, True) == layout.Mesh(1, 8, 1)
+    assert layout.choose_mesh(8, 1, 12, None, True) == layout.Mesh(1, 4, 2)  # heads don't divide by 8
+    with pytest.raises(layout.LayoutError):
+        layout.choose_mesh(4, 1, 24, layout.Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
+
+
+def _attention_case(rank, world, backend, chunks, txt, img):
+    import comfy.ldm.modules.attention as attn
+
+    from comfy_xdit_patch import attention
+    from comfy_xdit_patch.worker import build_groups
+
+    heads, d = 4, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, txt + img, d, generator=g) for _ in range(3))
+    reference = attn.attention_pytorch(q, k, v, heads, skip_reshape=True)  # (1, L, H*D)
+    me = layout.split(txt, img, world)[rank]
+    rows = list(range(*me.txt)) + [txt + i for i in range(*me.img)]
+    local = [layout.take(t[:, :, rows], (0, len(rows)), me.pad, dim=2) for t in (q, k, v)]
+    mesh = layout.Mesh(1, world, 1)
+    make = attention.factory(backend, mesh, build_groups(mesh, rank), kernel="torch_math")
+    out = make(me, chunks)(attn.attention_pytorch, *local, heads, skip_reshape=True)
+    assert out.shape == (1, me.chunk, heads * d)
+    diff = (out[:, :len(rows)] - reference[:, rows]).abs().max().item()
+    assert diff < 1e-5, f"rank {rank}: {diff}"
+
+
+@pytest.mark.parametrize("backend,chunks,txt,img", [
+    ("torch", 1, 8, 16), ("torch", 2, 8, 15), ("torch", 1, 7, 30),  # filler on the last rank
+    ("yunchang", 1, 8, 16),  # yunchang's Ulysses (ring 1), torch math kernel
+])
+def test_attention_matches_full_attention(backend, chunks, txt, img):
+    ranks.run(_attention_case, 2, backend, chunks, txt, img)
+
+
+def _plan_case(rank, world, path, mesh, batch, refs, control):
+    import comfy.sd
+
+    from comfy_xdit_patch import attention, plans
+    from comfy_xdit_patch.worker import build_groups
+
+    model = comfy.sd.load_diffusion_model(path).model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 16, 10, 6, generator=g)  # 15 image tokens: odd with 8 text tokens
+    kwargs = dict(timestep=torch.rand(batch, generator=g), context=torch.randn(batch, 8, 32, generator=g),
+                  y=torch.randn(batch, 768, generator=g), guidance=torch.full((batch,), 3.5))
+    if refs:
+        kwargs["ref_latents"] = [torch.randn(batch, 16, 4, 6, generator=g)]
+    if control:
+        kwargs["control"] = {"input": [torch.randn(batch, 15, 512, generator=g)],
+                             "output": [None, torch.randn(batch, 15, 512, generator=g)]}
+    with torch.inference_mode():
+        reference = model(x, **kwargs, transformer_options={})
+        plan = plans.plan_for(model)
+        groups = build_groups(mesh, rank)
+        out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
+                          attention.factory("torch", mesh, groups))
+    diff = (out - reference).abs().max().item()
+    assert out.shape == reference.shape and diff < 1e-4, f"rank {rank}: {diff}"
+
+
+@pytest.fixture(scope="module")
+def flux4(tmp_path_factory):
+    from comfy_xdit_patch import synthetic
+
+    return synthetic.save(synthetic.tiny_flux(heads=4, depth=2, single=2, seed=3),
+                          os.path.join(tmp_path_factory.mktemp("m"), "flux4.safetensors"))
+
+
+@pytest.mark.parametrize("world,mesh,batch,refs,control", [
+    (2, layout.Mesh(1, 2, 1), 1, True, True),   # Kontext reference tokens + ControlNet residuals
+    (4, layout.Mesh(1, 4, 1), 1, False, False),
+    (4, layout.Mesh(2, 2, 1), 2, True, True),   # cfg 2 x ulysses 2: cond and uncond on two rank pairs
+    (2, layout.Mesh(2, 1, 1), 3, False, False),  # batch of 3 shared unevenly by 2 groups
+])
+def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control):
+    ranks.run(_plan_case, world, flux4, mesh, batch, refs, control)
