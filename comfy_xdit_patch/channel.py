@@ -1,7 +1,8 @@
 """The per-step path between ComfyUI's process (the driver) and the ranks, with no Ray call in it.
 
-Ray only places and supervises the workers. Each rank holds one authenticated loopback connection
-(multiprocessing.connection) to the driver. A request is a small pickled header sent to every rank,
+Ray only places and supervises the workers. Each rank holds one authenticated connection
+(multiprocessing.connection) to the driver: a Unix socket on one host, TCP with TCP_NODELAY across hosts
+(Nagle's algorithm with delayed ACKs would add ~40 ms to every reply). A request is a small pickled header sent to every rank,
 plus ONE byte buffer with the tensors that rank 0 has not seen yet, sent to rank 0 only; rank 0
 broadcasts it to the other ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not
 grow with the number of ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
@@ -12,7 +13,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import secrets
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener, wait
@@ -95,13 +100,28 @@ def _unpack(buf: torch.Tensor, metas: list[TensorMeta]) -> list[torch.Tensor | N
     return out
 
 
+def _no_delay(conn: Connection) -> None:
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
+
+
 class DriverChannel:
     """ComfyUI's end: one connection per rank, requests in order, replies matched by sequence number."""
 
-    def __init__(self, world: int, host: str = "127.0.0.1"):
+    def __init__(self, world: int, host: str | None = None):
+        """host None: ranks on this host (Unix socket in a private directory); else TCP on host."""
         self.world = world
         self.authkey = secrets.token_bytes(32)
-        self._listener = Listener((host, 0), authkey=self.authkey)
+        self._dir = None
+        if host is None:
+            self._dir = tempfile.mkdtemp(prefix="comfy_xdit_")  # mode 0700
+            self._listener = Listener(os.path.join(self._dir, "channel"), family="AF_UNIX", authkey=self.authkey)
+        else:
+            self._listener = Listener((host, 0), family="AF_INET", authkey=self.authkey)
         self.address = self._listener.address
         self._conns: list[Connection | None] = [None] * world
         self._seq = 0
@@ -118,6 +138,7 @@ class DriverChannel:
             try:
                 for _ in range(self.world):
                     conn = self._listener.accept()
+                    _no_delay(conn)
                     self._conns[conn.recv()] = conn
             except BaseException as e:  # listener closed on timeout, or a bad handshake
                 error.append(e)
@@ -239,6 +260,8 @@ class DriverChannel:
             self._listener.close()
         except OSError:
             pass
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class WorkerChannel:
@@ -249,6 +272,7 @@ class WorkerChannel:
         self.device = device
         self._broadcast = broadcast  # broadcast(tensor, src=0), collective over all ranks
         self._conn = Client(address, authkey=authkey)
+        _no_delay(self._conn)
         self._conn.send(rank)
         self._slots: dict[int, torch.Tensor] = {}
 

@@ -30,6 +30,11 @@ def _doctor(_args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (see bench.py)
+        from . import bench
+
+        return bench.main(argv[1:])
     ap = argparse.ArgumentParser(prog="comfy-xdit", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run a FLUX text-to-image workflow headless, plugin off and on")
@@ -40,8 +45,7 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, help="ranks (default: all GPUs; 2 on CPU)")
     d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
-    b = sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
     sub.add_parser("doctor", help="what the plugin finds on this machine")
     sub.add_parser("env-table", help="print the README's environment-variable table")
     a = ap.parse_args(argv)
@@ -49,10 +53,6 @@ def main(argv=None) -> int:
         from . import demo
 
         return demo.run(a)
-    if a.cmd == "bench":
-        from . import bench
-
-        return bench.main(a.rest)
     if a.cmd == "doctor":
         return _doctor(a)
     from . import config

@@ -50,6 +50,7 @@ class Config:
     start_timeout: float
     attention: str
     usp_kernel: str
+    sdpa: str
     a2a_chunks: int | None  # None: tuned per shape
     model_cache: int
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
@@ -153,6 +154,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
            "yunchang kernel: `auto` (torch_flash on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
            "`fa` (flash-attn), `fa3`.", _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
+    EnvVar("COMFY_XDIT_SDPA", "comfyui",
+           "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
+           "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient")),
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-4 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
@@ -198,6 +202,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         start_timeout=val.get("COMFY_XDIT_START_TIMEOUT", 180.0),
         attention=val.get("COMFY_XDIT_ATTENTION", "auto"),
         usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
+        sdpa=val.get("COMFY_XDIT_SDPA", "comfyui"),
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         gpus=gpus,

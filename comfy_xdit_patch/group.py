@@ -55,20 +55,18 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     resources = {"num_cpus": max(os.cpu_count() or 1, config.workers)}
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if use_gpu:
-        visible = saved.split(",") if saved else [str(i) for i in range(64)]
-        ids = config.devices or tuple(range(config.workers))
-        # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only ours.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)
-        resources["num_gpus"] = len(ids)
+    if use_gpu and config.devices:
+        visible = saved.split(",") if saved else [str(i) for i in range(config.gpus)]
+        # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only these.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in config.devices)
+    resources["num_gpus"] = len(config.devices or ()) or config.gpus
     try:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
     finally:
-        if use_gpu:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 class WorkerGroup:
@@ -112,16 +110,17 @@ class WorkerGroup:
             actor.options(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0, name=None,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, self.world, comfy_root(), self.use_gpu, self.config.attention, self.config.usp_kernel,
-                    self.config.model_cache)
+                    self.config.sdpa, self.config.model_cache)
             for r in range(self.world)
         ]
         host, port, _ = ray.get(self.actors[0].address.remote(), timeout=left())
-        self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=left())
+        self.pids, ips = zip(*ray.get([a.where.remote() for a in self.actors], timeout=left()))
+        self.pids = list(self.pids)
         backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
         self.attention = backends[0]
-        # NOTE: the driver listens on loopback for a private cluster, on its node address otherwise.
-        here = "127.0.0.1" if not self.config.ray_address else ray.util.get_node_ip_address()
-        self.channel = channel_mod.DriverChannel(self.world, host=here)
+        # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
+        same_host = all(ip == ray.util.get_node_ip_address() for ip in ips)
+        self.channel = channel_mod.DriverChannel(self.world, host=None if same_host else ray.util.get_node_ip_address())
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey) for a in self.actors]
         self.channel.accept(left(), self.check_alive)
         self.start_seconds = time.perf_counter() - t0
@@ -162,6 +161,12 @@ class WorkerGroup:
     def stats(self, reset: bool = False) -> list[dict]:
         replies = self.request("stats", reset, all_reply=True)
         return [replies[r] for r in range(self.world)]
+
+    def probe(self, mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype) -> float:
+        """Seconds per step of the all-to-all exchanges alone, slowest rank."""
+        replies = self.request("probe", (mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype),
+                               all_reply=True)
+        return max(replies.values())
 
     def shutdown(self) -> None:
         """Idempotent; never raises."""

@@ -8,6 +8,7 @@ on the device by `comfy.model_management.load_models_gpu`, as in ComfyUI itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -55,7 +56,7 @@ def build_groups(mesh, rank: int) -> Groups:
 
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
-                 model_cache: int):
+                 sdpa: str, model_cache: int):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -75,6 +76,7 @@ class Worker:
         self.device = mm.get_torch_device()
         self.attention_request = attention
         self.usp_kernel = usp_kernel
+        self.sdpa = sdpa
         self.attention = None
         self._store_socket = None
         self.capacity = model_cache
@@ -112,8 +114,10 @@ class Worker:
         self.attention = attention.resolve(self.attention_request, self.device.type)
         return self.attention
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str]:
+        import ray
+
+        return os.getpid(), ray.util.get_node_ip_address()
 
     # --- the serving loop (one long-running Ray call) ----------------------------------------------
     def serve(self, address, authkey: bytes) -> str:
@@ -123,7 +127,8 @@ class Worker:
         from .plans.layout import LayoutError
 
         channel = WorkerChannel(address, authkey, self.rank, self.device, lambda t: dist.broadcast(t, src=0))
-        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release}
+        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release,
+                    "probe": self.probe}
         while True:
             try:
                 seq, op, body = channel.recv()
@@ -200,19 +205,64 @@ class Worker:
         self.loaded.clear()
         return "released"
 
+    def _kernel_preference(self):
+        """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""
+        if self.sdpa == "comfyui" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[self.sdpa]
+        order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                       SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b != first]
+        return sdpa_kernel(order, set_priority=True)
+
+    def _groups(self, mesh):
+        from . import attention
+
+        if mesh not in self.meshes:
+            groups = build_groups(mesh, self.rank)
+            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups, self.usp_kernel))
+        return self.meshes[mesh]
+
+    def probe(self, body) -> float:
+        """Seconds per step of the sequence-parallel exchanges alone (attention replaced by nothing)."""
+        mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype = body
+        from . import attention
+        from .plans.layout import Shard
+
+        groups, _ = self._groups(mesh)
+        shard = Shard(self.rank, mesh.sp, (0, 1), (1, chunk), 0, chunk, chunk * mesh.sp)
+        override = attention.ulysses.make_override(groups.sp, mesh.sp, shard.total, chunks)
+        q = self.torch.randn(batch, heads, chunk, head_dim, device=self.device, dtype=dtype)
+
+        def nothing(q_, k_, v_, h, *a, **k):
+            return self.torch.empty(q_.shape[0], q_.shape[2], h * q_.shape[3], device=q_.device, dtype=q_.dtype)
+
+        def step():
+            for _ in range(blocks):
+                override(nothing, q, q, q, heads, skip_reshape=True)
+
+        step()
+        sync = self.torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
     def call(self, body) -> object:
-        from . import attention, plans
+        from . import plans
 
         t0 = time.perf_counter()
         key, family, mesh, chunks, args, kwargs = body
         patcher = self.loaded[key]
         model = patcher.model.diffusion_model
         plan = plans.by_family(family)
-        if mesh not in self.meshes:
-            groups = build_groups(mesh, self.rank)
-            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups, self.usp_kernel))
-        groups, make = self.meshes[mesh]
-        out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, functools.partial(make, chunks=chunks))
+        groups, make = self._groups(mesh)
+        with self._kernel_preference():
+            out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, functools.partial(make, chunks=chunks))
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
         self.counters["calls"] += 1

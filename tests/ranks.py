@@ -1,4 +1,7 @@
-"""Run a function on N CPU ranks (gloo), each in its own process, without Ray: sharding unit tests."""
+"""Run a function on N ranks, each in its own process, without Ray: sharding unit tests.
+
+CPU ranks over gloo; with XDIT_TEST_DEVICE=cuda, one GPU per rank over NCCL (run on a GPU machine).
+"""
 from __future__ import annotations
 
 import datetime
@@ -8,14 +11,26 @@ import tempfile
 import torch.multiprocessing as mp
 
 
+DEVICE = os.environ.get("XDIT_TEST_DEVICE", "cpu")
+
+
+def gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if DEVICE == "cuda" else 0
+
+
 def _entry(rank, world, init_file, fn, args):
+    import torch
     import torch.distributed as dist
 
     from comfy_xdit_patch import locate
 
-    locate.import_comfy(cpu=True)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    locate.import_comfy(cpu=DEVICE != "cuda")
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank, world, *args)
     finally:

@@ -1,0 +1,273 @@
+"""Side-by-side benchmark: unpatched ComfyUI on one GPU vs the plugin on N ranks, in one run.
+
+    comfy-xdit bench [--sizes 1024,2048] [--steps 20] [--ranks 1,2,4] [--layouts "ulysses=2,ring=2"]
+                     [--cfg 1,3.5] [--checkpoint FILE] [--out DIR]
+
+Everything runs in this process, which plays ComfyUI's process: ComfyUI's own sampler
+(`comfy.sample.sample`, as KSampler does), FLUX.1-dev shapes (synthetic bf16 weights with the real
+key names, written once to --workdir so the ranks load them from disk in parallel) or a checkpoint.
+First ComfyUI alone, then the plugin attached with each rank count / layout. Prints a table and
+writes bench.json (+ bench.png); `--tiny` runs the same on a CPU with a tiny FLUX.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+from . import locate
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(prog="comfy-xdit bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1024,2048")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=10, help="steps before timing (the chunk tuner needs <= 8)")
+    ap.add_argument("--ranks", help="rank counts to run with auto layout (default: 1, 2 and every GPU)")
+    ap.add_argument("--layouts", default="", help="forced layouts, ';'-separated, e.g. 'ulysses=2,ring=2'")
+    ap.add_argument("--cfg", default="1", help="CFG scales, e.g. 1,3.5 (CFG > 1 batches cond and uncond)")
+    ap.add_argument("--env", default="", help="extra COMFY_XDIT_* settings for the plugin runs, ';'-separated")
+    ap.add_argument("--variants", default="", help="'|'-separated extra --env sets run at 2 ranks (e.g. sdpa)")
+    ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
+    ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
+    ap.add_argument("--no-baseline-cache", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _psnr(ref, out) -> float:
+    mse = float(((ref - out) ** 2).mean())
+    span = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(span * span / mse)
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        import torch
+
+        self.torch = torch
+        self.gpus = 0 if a.tiny else torch.cuda.device_count()
+        self.sizes = [int(s) for s in a.sizes.split(",")]
+        self.cfgs = [float(c) for c in a.cfg.split(",")]
+        self.results = {"machine": self._machine(), "args": vars(a), "baseline": [], "runs": []}
+        os.makedirs(a.out, exist_ok=True)
+
+    def _machine(self) -> dict:
+        torch = self.torch
+        gpus = [torch.cuda.get_device_name(i) for i in range(self.gpus)]
+        return {"gpus": gpus, "torch": torch.__version__, "python": platform.python_version(),
+                "host": platform.node()}
+
+    def _save(self) -> None:
+        with open(os.path.join(self.a.out, "bench.json"), "w") as f:
+            json.dump(self.results, f, indent=1, default=str)
+
+    # --- model and inputs ---------------------------------------------------------------------------
+    def model_path(self) -> str:
+        from . import synthetic
+
+        if self.a.checkpoint:
+            return self.a.checkpoint
+        name = "tiny_flux.safetensors" if self.a.tiny else "flux1_dev_synthetic_bf16.safetensors"
+        path = os.path.join(self.a.workdir, name)
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            if self.a.tiny:
+                synthetic.save(synthetic.tiny_flux(heads=2, depth=2, single=2), path)
+            else:
+                sd = synthetic.flux_dev("cuda")
+                synthetic.save({k: v.cpu() for k, v in sd.items()}, path + ".part")
+                del sd
+                self.torch.cuda.empty_cache()
+                os.replace(path + ".part", path)
+            self.results["weights_written_seconds"] = time.perf_counter() - t0
+        return path
+
+    def conds(self):
+        torch = self.torch
+        dim, tokens = (32, 8) if self.a.tiny else (4096, 512)
+        out = []
+        for seed in (1, 2):
+            g = torch.Generator().manual_seed(seed)
+            out.append([[torch.randn(1, tokens, dim, generator=g),
+                         {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]])
+        return out
+
+    def sample(self, patcher, size, cfg, steps):
+        import comfy.sample
+
+        torch = self.torch
+        latent = torch.zeros(1, 16, size // 8, size // 8)
+        noise = comfy.sample.prepare_noise(latent, 42)
+        pos, neg = self.conds()
+        if self.gpus:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", pos, neg, latent,
+                                  disable_pbar=True, seed=42)
+        out = out.float().cpu()
+        return out, time.perf_counter() - t0
+
+    # --- the two sides ------------------------------------------------------------------------------
+    def baseline(self, patcher) -> dict:
+        import comfy.model_management as mm
+
+        torch = self.torch
+        latents = {}
+        for size in self.sizes:
+            for cfg in self.cfgs:
+                self.sample(patcher, size, cfg, min(2, self.a.warmup) or 1)
+                if self.gpus:
+                    torch.cuda.reset_peak_memory_stats()
+                latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
+                peak = torch.cuda.max_memory_allocated() if self.gpus else 0
+                latents[(size, cfg)] = latent
+                row = {"size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "peak_gib": peak / 2**30}
+                self.results["baseline"].append(row)
+                print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
+                      f"peak {row['peak_gib']:.1f} GiB", flush=True)
+                self._save()
+        mm.unload_all_models()  # the plugin runs reuse this patcher; its weights stay off the GPU
+        mm.soft_empty_cache()
+        return latents
+
+    def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str) -> None:
+        from . import config as cfgmod
+        from . import patch
+
+        torch = self.torch
+
+        settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
+                    **env}
+        router = patch.install(cfgmod.load(settings, gpus=self.gpus))
+        try:
+            t0 = time.perf_counter()
+            self.sample(patcher, self.sizes[0], self.cfgs[0], 1)
+            first = time.perf_counter() - t0
+            group = router.group
+            if group is None:
+                raise RuntimeError(f"the plugin did not route: {router.disabled or router.stats}")
+            start = {"group_start_s": group.start_seconds, "first_run_s": first,
+                     "load_s": max(s["load_seconds"] for s in group.stats())}
+            print(f"{label}: group ready in {start['group_start_s']:.1f} s, weights loaded in {start['load_s']:.1f} s "
+                  f"(ranks in parallel), first 1-step run {first:.1f} s", flush=True)
+            for size in self.sizes:
+                for cfg in self.cfgs:
+                    self.sample(patcher, size, cfg, self.a.warmup)
+                    group.stats(reset=True)
+                    calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
+                    latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
+                    stats = group.stats()
+                    calls = router.stats["routed_calls"] - calls0
+                    per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
+                    busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
+                    row = {"label": label, "workers": workers, "parallel": parallel or "auto", "env": env,
+                           "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
+                           "compute_s": busy, "dispatch_s": per_call - busy,
+                           "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
+                           "a2a_s": self._a2a(group, router, size, cfg),
+                           "peak_gib": [s["max_memory"] / 2**30 for s in stats],
+                           "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
+                           "psnr_db": _psnr(latents[(size, cfg)], latent), **start}
+                    base = next(b for b in self.results["baseline"] if b["size"] == size and b["cfg"] == cfg)
+                    row["speedup"] = base["s_per_step"] / row["s_per_step"]
+                    self.results["runs"].append(row)
+                    print(f"{label:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
+                          f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
+                          f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
+                          f"peak {max(row['peak_gib']):.1f} GiB", flush=True)
+                    self._save()
+        finally:
+            patch.uninstall()
+
+    def _a2a(self, group, router, size: int, cfg: float) -> float:
+        """Per-step time of this layout's all-to-alls alone (what the attention exchange costs)."""
+        from . import plans
+
+        tokens = (8 if self.a.tiny else 512) + (size // 16) ** 2
+        batch = 2 if cfg != 1 else 1
+        import comfy.ldm.flux.model  # noqa: F401
+
+        heads = 2 if self.a.tiny else 24
+        mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel, "yunchang" in group.attention)
+        if mesh.sp == 1:
+            return 0.0
+        chunk = -(-tokens // mesh.sp)
+        blocks = 4 if self.a.tiny else 57
+        chunks = router.tuner.best.get(((batch, 16, size // 8, size // 8), mesh), 1)
+        dtype = self.torch.float32 if self.a.tiny else self.torch.bfloat16
+        return group.probe(mesh, batch // mesh.cfg, chunk, heads, 128, blocks, chunks, 3, dtype)
+
+    def table(self) -> str:
+        rows = ["| machine | size | cfg | ranks | layout | s/step | speed-up | compute | a2a | dispatch | PSNR | peak/GPU |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        gpu = self.results["machine"]["gpus"][0] if self.results["machine"]["gpus"] else "CPU"
+        for b in self.results["baseline"]:
+            rows.append(f"| {gpu} | {b['size']}² | {b['cfg']:g} | 1 | ComfyUI alone | {b['s_per_step']:.3f} | 1.00× "
+                        f"| | | | | {b['peak_gib']:.1f} GiB |")
+        for r in self.results["runs"]:
+            rows.append(f"| {gpu} | {r['size']}² | {r['cfg']:g} | {r['workers']} | {r['label']} | {r['s_per_step']:.3f} "
+                        f"| {r['speedup']:.2f}× | {r['compute_s'] * 1e3:.1f} ms | {r['a2a_s'] * 1e3:.1f} ms "
+                        f"| {r['dispatch_s'] * 1e3:.2f} ms | {r['psnr_db']:.1f} dB | {max(r['peak_gib']):.1f} GiB |")
+        return "\n".join(rows)
+
+
+def _plot(results: dict, path: str) -> None:
+    """Speed-up against ranks, one line per size (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    runs = [r for r in results["runs"] if r["parallel"] == "auto" and not r["env"] and r["cfg"] == 1]
+    if not runs:
+        return
+    w, h, m = 640, 420, 50
+    top = max(max(r["workers"] for r in runs), max(r["speedup"] for r in runs))
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    sx = lambda n: m + (w - 2 * m) * n / top  # noqa: E731
+    sy = lambda s: h - m - (h - 2 * m) * s / top  # noqa: E731
+    d.line([(m, h - m), (w - m, h - m)], fill="black")
+    d.line([(m, h - m), (m, m)], fill="black")
+    d.line([(sx(0), sy(0)), (sx(top), sy(top))], fill=(200, 200, 200))
+    for i in range(1, int(top) + 1):
+        d.text((sx(i) - 3, h - m + 5), str(i), fill="black")
+        d.text((m - 20, sy(i) - 6), f"{i}x", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    for i, size in enumerate(sorted({r["size"] for r in runs})):
+        pts = [(1, 1.0)] + sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
+        d.line([(sx(n), sy(s)) for n, s in pts], fill=colors[i % 3], width=3)
+        d.text((w - m - 120, m + 16 * i), f"{size}x{size}", fill=colors[i % 3])
+    d.text((m, 15), f"speed-up vs ComfyUI on 1 GPU ({results['machine']['gpus'][:1]})", fill="black")
+    d.text((w // 2 - 20, h - 20), "ranks", fill="black")
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    locate.import_comfy(cpu=True if a.tiny else None)
+    bench = Bench(a)
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model(bench.model_path())
+    latents = bench.baseline(patcher)
+    ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
+    for n in ranks:
+        bench.plugin(patcher, n, "", dict(x.split("=", 1) for x in a.env.split(";") if x), latents, f"auto, {n} rank(s)")
+    for layout in filter(None, a.layouts.split(";")):
+        degrees = dict(kv.split("=") for kv in layout.split(","))
+        n = math.prod(int(v) for v in degrees.values())
+        bench.plugin(patcher, n, layout, dict(x.split("=", 1) for x in a.env.split(";") if x), latents, layout)
+    for variant in filter(None, a.variants.split("|")):
+        env = dict(x.split("=", 1) for x in variant.split(";") if x)
+        bench.plugin(patcher, 2, "", env, latents, "2 ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in env.items()))
+    print(bench.table())
+    with open(os.path.join(a.out, "bench.md"), "w") as f:
+        f.write(bench.table() + "\n")
+    bench._save()
+    _plot(bench.results, os.path.join(a.out, "bench.png"))
+    return 0
