@@ -36,6 +36,7 @@ def _args(argv):
     ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
+    ap.add_argument("--profile", action="store_true", help="cProfile ComfyUI's process over the first timed run")
     ap.add_argument("--no-baseline-cache", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -162,14 +163,25 @@ class Bench:
                     self.sample(patcher, size, cfg, self.a.warmup)
                     group.stats(reset=True)
                     calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
+                    profiler = None
+                    if self.a.profile and not self.results.get("profiled"):
+                        import cProfile
+
+                        profiler = cProfile.Profile()
+                        profiler.enable()
                     latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
+                    if profiler is not None:
+                        profiler.disable()
+                        self._dump_profile(profiler, label, size)
                     stats = group.stats()
                     calls = router.stats["routed_calls"] - calls0
                     per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
                     busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
+                    inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
                     row = {"label": label, "workers": workers, "parallel": parallel or "auto", "env": env,
                            "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
-                           "compute_s": busy, "dispatch_s": per_call - busy,
+                           "compute_s": busy, "dispatch_s": per_call - busy, "inbound_s": inbound,
+                           "graph_replays": stats[0]["graph_replays"],
                            "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
                            "a2a_s": self._a2a(group, router, size, cfg),
                            "peak_gib": [s["max_memory"] / 2**30 for s in stats],
@@ -185,6 +197,18 @@ class Bench:
                     self._save()
         finally:
             patch.uninstall()
+
+    def _dump_profile(self, profiler, label, size) -> None:
+        import io
+        import pstats
+
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(60)
+        with open(os.path.join(self.a.out, "profile.txt"), "w") as f:
+            f.write(f"{label} {size}² {self.a.steps} steps\n" + out.getvalue())
+        self.results["profiled"] = label
 
     def _a2a(self, group, router, size: int, cfg: float) -> float:
         """Per-step time of this layout's all-to-alls alone (what the attention exchange costs)."""

@@ -275,9 +275,11 @@ class WorkerChannel:
         _no_delay(self._conn)
         self._conn.send(rank)
         self._slots: dict[int, torch.Tensor] = {}
+        self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
 
     def recv(self):
         seq, op, skeleton, metas, nbytes = self._conn.recv()
+        t0 = time.perf_counter()
         buf = None
         if nbytes:
             if self.rank == 0:
@@ -294,6 +296,7 @@ class WorkerChannel:
                 tensors[i] = self._slots[m.slot]
             elif m.slot >= 0:
                 self._slots[m.slot] = tensors[i]
+        self.inbound_seconds += time.perf_counter() - t0
         return seq, op, _rebuild(skeleton, tensors)
 
     def reply(self, seq: int, value: Any) -> None:

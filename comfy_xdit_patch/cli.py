@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
     sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
     sub.add_parser("doctor", help="what the plugin finds on this machine")
-    sub.add_parser("env-table", help="print the README's environment-variable table")
+    t = sub.add_parser("env-table", help="print the README's environment-variable table")
+    t.add_argument("--write", metavar="README", help="replace the table in this file instead")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         from . import demo
@@ -57,7 +58,15 @@ def main(argv=None) -> int:
         return _doctor(a)
     from . import config
 
-    print(config.markdown_table())
+    if not a.write:
+        print(config.markdown_table())
+        return 0
+    with open(a.write) as f:
+        text = f.read()
+    start = text.index("| variable | default | meaning |")
+    end = text.index("\n\n", start)
+    with open(a.write, "w") as f:
+        f.write(text[:start] + config.markdown_table() + text[end:])
     return 0
 
 

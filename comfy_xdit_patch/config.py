@@ -10,6 +10,8 @@ import os
 import re
 from typing import Callable, Mapping
 
+from .plans.layout import Mesh
+
 PREFIX = "COMFY_XDIT"
 
 
@@ -22,27 +24,11 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Degrees:
-    """Parallel degrees forced by COMFY_XDIT_PARALLEL; product = number of ranks."""
-
-    cfg: int = 1
-    ulysses: int = 1
-    ring: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.cfg * self.ulysses * self.ring
-
-    def __str__(self) -> str:
-        return f"cfg={self.cfg},ulysses={self.ulysses},ring={self.ring}"
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     enabled: bool
     workers: int
     devices: tuple[int, ...] | None
-    parallel: Degrees | None  # None = auto
+    parallel: Mesh | None  # forced degrees; None = auto
     ray_address: str | None
     fallback: str
     timeout: float
@@ -52,6 +38,7 @@ class Config:
     usp_kernel: str
     sdpa: str
     a2a_chunks: int | None  # None: tuned per shape
+    cuda_graphs: bool
     model_cache: int
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
@@ -101,7 +88,7 @@ def _devices(var: str, raw: str) -> tuple[int, ...]:
     return ids
 
 
-def _parallel(var: str, raw: str) -> Degrees | None:
+def _parallel(var: str, raw: str) -> Mesh | None:
     if raw == "auto":
         return None
     accepted = "auto, or degrees such as ulysses=2,ring=1,cfg=1 (keys cfg, ulysses, ring; values >= 1)"
@@ -111,7 +98,7 @@ def _parallel(var: str, raw: str) -> Degrees | None:
         if key not in ("cfg", "ulysses", "ring") or not value.isdigit() or int(value) < 1 or key in degrees:
             raise ConfigError(var, raw, accepted)
         degrees[key] = int(value)
-    return Degrees(**degrees)
+    return Mesh(**degrees)
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -160,6 +147,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-4 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
+    EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
+           "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
+           "`0`: eager.", _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
 )
@@ -204,6 +194,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
         sdpa=val.get("COMFY_XDIT_SDPA", "comfyui"),
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
+        cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         gpus=gpus,
     )

@@ -56,7 +56,7 @@ def build_groups(mesh, rank: int) -> Groups:
 
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
-                 sdpa: str, model_cache: int):
+                 sdpa: str, cuda_graphs: bool, model_cache: int):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -74,6 +74,11 @@ class Worker:
         self.torch, self.mm = torch, mm
         self.rank, self.world = rank, world
         self.device = mm.get_torch_device()
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .graphs import CallGraphs
+
+            self.graphs = CallGraphs()
         self.attention_request = attention
         self.usp_kernel = usp_kernel
         self.sdpa = sdpa
@@ -82,6 +87,8 @@ class Worker:
         self.capacity = model_cache
         self.bases: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.loaded: dict[str, object] = {}  # spec key -> patched clone on the device
+        self.current = None  # spec key last made current
+        self.channel = None
         self.meshes: dict = {}
         self.counters = collections.Counter()
         self.busy = 0.0  # seconds in model calls, device work included
@@ -126,7 +133,8 @@ class Worker:
         from .channel import WorkerChannel
         from .plans.layout import LayoutError
 
-        channel = WorkerChannel(address, authkey, self.rank, self.device, lambda t: dist.broadcast(t, src=0))
+        channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
+                                               lambda t: dist.broadcast(t, src=0))
         handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release,
                     "probe": self.probe}
         while True:
@@ -151,10 +159,12 @@ class Worker:
     # --- requests ---------------------------------------------------------------------------------
     def stats(self, reset) -> dict:
         out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
-               "calls": self.counters["calls"], "loads": self.counters["loads"], "busy_seconds": self.busy,
+               "calls": self.counters["calls"], "graph_replays": self.graphs.replays if self.graphs else 0,
+               "loads": self.counters["loads"], "busy_seconds": self.busy,
+               "inbound_seconds": self.channel.inbound_seconds,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
-            self.counters["calls"], self.busy = 0, 0.0
+            self.counters["calls"], self.busy, self.channel.inbound_seconds = 0, 0.0, 0.0
             if self.device.type == "cuda":
                 self.torch.cuda.reset_peak_memory_stats(self.device)
         return out
@@ -197,6 +207,9 @@ class Worker:
             clone.force_cast_weights = spec.force_cast_weights
             self.loaded = {k: p for k, p in self.loaded.items() if p.model is not base.model}
             self.loaded[spec.key] = clone
+        if self.graphs is not None and spec.key != self.current:
+            self.graphs.clear()  # NOTE: captured graphs point at the weights as they were
+        self.current = spec.key
         self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
         self.load_seconds = time.perf_counter() - t0
         return "ready"
@@ -261,8 +274,16 @@ class Worker:
         model = patcher.model.diffusion_model
         plan = plans.by_family(family)
         groups, make = self._groups(mesh)
-        with self._kernel_preference():
-            out = plans.shard(plan, model, args, kwargs, mesh, self.rank, groups, functools.partial(make, chunks=chunks))
+        attention = functools.partial(make, chunks=chunks)
+
+        def run(inputs):
+            with self._kernel_preference():
+                return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention)
+
+        if self.graphs is not None:
+            out = self.graphs.run((key, mesh, chunks), run, (args, kwargs))
+        else:
+            out = run((args, kwargs))
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
         self.counters["calls"] += 1

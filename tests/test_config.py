@@ -21,7 +21,7 @@ def test_explicit_values():
     c = cfg.load({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "4", "COMFY_XDIT_PARALLEL": "cfg=2,ulysses=2",
                   "COMFY_XDIT_FALLBACK": "error", "COMFY_XDIT_TIMEOUT": "2.5",
                   "COMFY_XDIT_RAY_ADDRESS": "10.0.0.1:6379"}, gpus=0)
-    assert c.parallel == cfg.Degrees(cfg=2, ulysses=2, ring=1)
+    assert c.parallel == cfg.Mesh(cfg=2, ulysses=2, ring=1)
     assert (c.fallback, c.timeout, c.ray_address) == ("error", 2.5, "10.0.0.1:6379")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import operator
@@ -78,8 +79,14 @@ def _plain(value) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(cls) -> inspect.Signature:
+    sig = inspect.signature(cls._forward)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+
+
 def bind(model, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    return inspect.signature(model._forward).bind(*args, **kwargs)
+    return _signature(type(model)).bind(*args, **kwargs)
 
 
 @dataclasses.dataclass

@@ -97,9 +97,9 @@ def gather(local: torch.Tensor, shards: list[Shard], rank: int, group, dim: int 
 class Mesh:
     """world = cfg x ulysses x ring. Ranks of one sequence-parallel group are consecutive."""
 
-    cfg: int
-    ulysses: int
-    ring: int
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
 
     @property
     def sp(self) -> int:
