@@ -26,10 +26,12 @@ def _args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1024,2048")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=10, help="steps before timing (the chunk tuner needs <= 8)")
+    ap.add_argument("--warmup", type=int, default=12, help="steps before timing (the chunk tuner needs <= 9)")
     ap.add_argument("--ranks", help="rank counts to run with auto layout (default: 1, 2 and every GPU)")
     ap.add_argument("--layouts", default="", help="forced layouts, ';'-separated, e.g. 'ulysses=2,ring=2'")
     ap.add_argument("--cfg", default="1", help="CFG scales, e.g. 1,3.5 (CFG > 1 batches cond and uncond)")
+    ap.add_argument("--cfg-ranks", default="", help="rank counts that run every --cfg value (others: the first)")
+    ap.add_argument("--lora", type=int, default=0, help="also time a synthetic LoRA of this rank at 2 ranks")
     ap.add_argument("--env", default="", help="extra COMFY_XDIT_* settings for the plugin runs, ';'-separated")
     ap.add_argument("--variants", default="", help="'|'-separated extra --env sets run at 2 ranks (e.g. sdpa)")
     ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
@@ -100,6 +102,15 @@ class Bench:
                          {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]])
         return out
 
+    def with_lora(self, patcher):
+        import comfy.sd
+
+        from . import synthetic
+
+        sd = patcher.model.diffusion_model.state_dict()
+        lora = synthetic.lora({k: v for k, v in sd.items()}, rank=self.a.lora)
+        return comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+
     def sample(self, patcher, size, cfg, steps):
         import comfy.sample
 
@@ -134,11 +145,21 @@ class Bench:
                 print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
                       f"peak {row['peak_gib']:.1f} GiB", flush=True)
                 self._save()
+        if self.a.lora:
+            lora = self.with_lora(patcher)
+            size, cfg = self.sizes[0], self.cfgs[0]
+            self.sample(lora, size, cfg, 2)
+            latent, seconds = self.sample(lora, size, cfg, self.a.steps)
+            latents[("lora", size, cfg)] = latent
+            self.results["baseline"].append({"size": size, "cfg": cfg, "lora": self.a.lora,
+                                             "s_per_step": seconds / self.a.steps, "peak_gib": 0.0})
+            print(f"ComfyUI alone  {size}² cfg {cfg:g} + LoRA r{self.a.lora}: {seconds / self.a.steps:.4f} s/step")
         mm.unload_all_models()  # the plugin runs reuse this patcher; its weights stay off the GPU
         mm.soft_empty_cache()
         return latents
 
-    def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str) -> None:
+    def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str,
+               cfgs: list | None = None) -> None:
         from . import config as cfgmod
         from . import patch
 
@@ -158,43 +179,50 @@ class Bench:
                      "load_s": max(s["load_seconds"] for s in group.stats())}
             print(f"{label}: group ready in {start['group_start_s']:.1f} s, weights loaded in {start['load_s']:.1f} s "
                   f"(ranks in parallel), first 1-step run {first:.1f} s", flush=True)
-            for size in self.sizes:
-                for cfg in self.cfgs:
-                    self.sample(patcher, size, cfg, self.a.warmup)
-                    group.stats(reset=True)
-                    calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
-                    profiler = None
-                    if self.a.profile and not self.results.get("profiled"):
-                        import cProfile
+            cases = [(patcher, size, cfg, "") for size in self.sizes for cfg in (cfgs or self.cfgs[:1])]
+            if self.a.lora and workers == 2 and not parallel and not env:
+                cases.append((self.with_lora(patcher), self.sizes[0], self.cfgs[0], f" + LoRA r{self.a.lora}"))
+            for model, size, cfg, extra in cases:
+                self.sample(model, size, cfg, self.a.warmup)
+                group.stats(reset=True)
+                calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
+                profiler = None
+                if self.a.profile and not self.results.get("profiled"):
+                    import cProfile
 
-                        profiler = cProfile.Profile()
-                        profiler.enable()
-                    latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
-                    if profiler is not None:
-                        profiler.disable()
-                        self._dump_profile(profiler, label, size)
-                    stats = group.stats()
-                    calls = router.stats["routed_calls"] - calls0
-                    per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
-                    busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
-                    inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
-                    row = {"label": label, "workers": workers, "parallel": parallel or "auto", "env": env,
-                           "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
-                           "compute_s": busy, "dispatch_s": per_call - busy, "inbound_s": inbound,
-                           "graph_replays": stats[0]["graph_replays"],
-                           "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
-                           "a2a_s": self._a2a(group, router, size, cfg),
-                           "peak_gib": [s["max_memory"] / 2**30 for s in stats],
-                           "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
-                           "psnr_db": _psnr(latents[(size, cfg)], latent), **start}
-                    base = next(b for b in self.results["baseline"] if b["size"] == size and b["cfg"] == cfg)
-                    row["speedup"] = base["s_per_step"] / row["s_per_step"]
-                    self.results["runs"].append(row)
-                    print(f"{label:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
-                          f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
-                          f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
-                          f"peak {max(row['peak_gib']):.1f} GiB", flush=True)
-                    self._save()
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                latent, seconds = self.sample(model, size, cfg, self.a.steps)
+                if profiler is not None:
+                    profiler.disable()
+                    self._dump_profile(profiler, label, size)
+                stats = group.stats()
+                calls = router.stats["routed_calls"] - calls0
+                per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
+                busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
+                inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
+                shape = (2 if cfg != 1 else 1, 16, size // 8, size // 8)
+                chunks = [c for (s, _), c in router.tuner.best.items() if s == shape]
+                row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
+                       "parallel": parallel or "auto", "env": env,
+                       "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
+                       "compute_s": busy, "dispatch_s": per_call - busy, "inbound_s": inbound,
+                       "graph_replays": stats[0]["graph_replays"],
+                       "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
+                       "a2a_s": self._a2a(group, router, size, cfg),
+                       "peak_gib": [s["max_memory"] / 2**30 for s in stats],
+                       "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
+                       "psnr_db": _psnr(latents[("lora", size, cfg) if extra else (size, cfg)], latent), **start}
+                base = next(b for b in self.results["baseline"] if b["size"] == size and b["cfg"] == cfg
+                            and bool(b.get("lora")) == bool(extra))
+                row["speedup"] = base["s_per_step"] / row["s_per_step"]
+                self.results["runs"].append(row)
+                print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
+                      f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
+                      f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
+                      f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms",
+                      flush=True)
+                self._save()
         finally:
             patch.uninstall()
 
@@ -219,7 +247,11 @@ class Bench:
         import comfy.ldm.flux.model  # noqa: F401
 
         heads = 2 if self.a.tiny else 24
-        mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel, "yunchang" in group.attention)
+        try:
+            mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel,
+                                            "yunchang" in group.attention)
+        except plans.LayoutError:  # this layout doesn't take this input (it ran locally)
+            return float("nan")
         if mesh.sp == 1:
             return 0.0
         chunk = -(-tokens // mesh.sp)
@@ -280,8 +312,10 @@ def main(argv=None) -> int:
     patcher = comfy.sd.load_diffusion_model(bench.model_path())
     latents = bench.baseline(patcher)
     ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
+    cfg_ranks = {int(r) for r in a.cfg_ranks.split(",") if r}
     for n in ranks:
-        bench.plugin(patcher, n, "", dict(x.split("=", 1) for x in a.env.split(";") if x), latents, f"auto, {n} rank(s)")
+        bench.plugin(patcher, n, "", dict(x.split("=", 1) for x in a.env.split(";") if x), latents, f"auto, {n} rank(s)",
+                     bench.cfgs if n in cfg_ranks else None)
     for layout in filter(None, a.layouts.split(";")):
         degrees = dict(kv.split("=") for kv in layout.split(","))
         n = math.prod(int(v) for v in degrees.values())

@@ -1,11 +1,11 @@
 """The per-step path between ComfyUI's process (the driver) and the ranks, with no Ray call in it.
 
 Ray only places and supervises the workers. Each rank holds one authenticated connection
-(multiprocessing.connection) to the driver: a Unix socket on one host, TCP with TCP_NODELAY across hosts
-(Nagle's algorithm with delayed ACKs would add ~40 ms to every reply). A request is a small pickled header sent to every rank,
-plus ONE byte buffer with the tensors that rank 0 has not seen yet, sent to rank 0 only; rank 0
-broadcasts it to the other ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not
-grow with the number of ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
+(multiprocessing.connection) to the driver: a Unix socket on one host, TCP with TCP_NODELAY across
+hosts (Nagle's algorithm with delayed ACKs would add ~40 ms to every reply). A request is a small
+pickled header sent to every rank, plus ONE byte buffer with the tensors that rank 0 has not seen yet,
+for rank 0 only (in shared memory on one host, see transport.py); rank 0 broadcasts it to the other
+ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not grow with the ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
 reference latents) are recognised with torch.equal and cross once per sampling run: both sides keep
 the same small LRU of them, which the driver orders.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
+import pickle
 import secrets
 import shutil
 import socket
@@ -26,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
+from .transport import Inbox, Outbox
 
-_ALIGN = 64
 _CACHE_SLOTS = 8
 _CACHE_MIN_BYTES = 64 * 1024
 
@@ -47,46 +49,38 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def _flatten(obj, out: list):
-    """Replace every tensor in a nested args structure by its index in `out`."""
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return _Ref(len(out) - 1)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_flatten(v, out) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _flatten(v, out) for k, v in obj.items()}
-    return obj
+class _Pickler(pickle.Pickler):
+    """Pickles anything (model specs, LoRA adapters, call arguments) with its tensors taken out."""
+
+    def __init__(self, file, tensors: list):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
 
 
-def _rebuild(obj, tensors: list):
-    if isinstance(obj, _Ref):
-        return tensors[obj.index]
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(v, tensors) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, tensors) for k, v in obj.items()}
-    return obj
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: list):
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid):
+        return self.tensors[pid]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-    index: int
+def _dumps(obj) -> tuple[bytes, list]:
+    tensors: list[torch.Tensor] = []
+    buf = io.BytesIO()
+    _Pickler(buf, tensors).dump(obj)
+    return buf.getvalue(), tensors
 
 
-def _pack(tensors: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-    offsets, size = [], 0
-    for t in tensors:
-        offsets.append(size)
-        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    pin = torch.cuda.is_available()
-    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    for t, off in zip(tensors, offsets):
-        n = t.numel() * t.element_size()
-        buf[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8), non_blocking=pin)
-    if pin:
-        torch.cuda.current_stream().synchronize()
-    return offsets, buf
+def _loads(data: bytes, tensors: list):
+    return _Unpickler(io.BytesIO(data), tensors).load()
 
 
 def _unpack(buf: torch.Tensor, metas: list[TensorMeta]) -> list[torch.Tensor | None]:
@@ -124,6 +118,8 @@ class DriverChannel:
             self._listener = Listener((host, 0), family="AF_INET", authkey=self.authkey)
         self.address = self._listener.address
         self._conns: list[Connection | None] = [None] * world
+        self.shared = host is None  # tensor bytes through shared memory (one host)
+        self._outbox, self._inbox = Outbox(self.shared), Inbox(owns=True)
         self._seq = 0
         self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._free = list(range(_CACHE_SLOTS))
@@ -172,15 +168,15 @@ class DriverChannel:
 
     def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,
                 alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None,
-                keep: list = ()):
+                keep: list = (), device: torch.device | None = None):
         """Send op to every rank and wait for rank 0's reply (or every rank's, with all_reply).
 
-        Tensors of `body` that are in `keep` are cached on the ranks across requests."""
+        Tensors of `body` that are in `keep` are cached on the ranks across requests; tensors in the
+        reply are placed on `device` (default: CPU)."""
         with self._lock:
             self._seq += 1
             seq = self._seq
-            tensors: list[torch.Tensor] = []
-            skeleton = _flatten(body, tensors)
+            skeleton, tensors = _dumps(body)
             metas, new = [], []
             cacheable = {id(t) for t in keep if t.numel() * t.element_size() >= _CACHE_MIN_BYTES}
             for t in tensors:
@@ -191,20 +187,20 @@ class DriverChannel:
                 store = self._store(t) if id(t) in cacheable else -1
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, 0, store))
                 new.append(t)
-            offsets, buf = _pack(new) if new else ([], None)
+            offsets, desc, trailing = self._outbox.stage(new) if new else ([], None, None)
             it = iter(offsets)
             metas = [dataclasses.replace(m, offset=next(it)) if m.offset == 0 else m for m in metas]
-            header = (seq, op, skeleton, metas, 0 if buf is None else buf.numel())
+            header = (seq, op, skeleton, metas, desc)
             try:
                 for conn in self._conns:
                     conn.send(header)
-                if buf is not None:
-                    self._conns[0].send_bytes(buf.numpy())
+                if trailing is not None:
+                    self._conns[0].send_bytes(trailing.numpy())
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
-            return self._replies(seq, all_reply, timeout, alive, interrupted)
+            return self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"))
 
-    def _replies(self, seq, all_reply, timeout, alive, interrupted):
+    def _replies(self, seq, all_reply, timeout, alive, interrupted, device):
         deadline = time.monotonic() + timeout
         waiting = set(range(self.world)) if all_reply else {0}
         results: dict[int, Any] = {}
@@ -220,11 +216,8 @@ class DriverChannel:
             for conn in ready:
                 rank = by_conn[id(conn)]
                 try:
-                    rseq, status, value, nbytes = conn.recv()
-                    data = None
-                    if nbytes:
-                        data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-                        conn.recv_bytes_into(data.numpy())
+                    rseq, status, value, desc = conn.recv()
+                    data = self._inbox.take(conn, desc) if desc else None
                 except (OSError, EOFError) as e:
                     raise WorkerDied(f"rank {rank} went away ({e!r})") from e
                 if rseq != seq:
@@ -234,9 +227,9 @@ class DriverChannel:
                 if status == "error":
                     self._raise_if_a_rank_died()  # a peer's death surfaces as a collective error
                     raise WorkerFailed(f"rank {rank}: {value}")
-                if data is not None:
+                if data is not None:  # copied out: the buffer is reused for the next reply
                     skeleton, metas = value
-                    value = _rebuild(skeleton, _unpack(data, metas))
+                    value = _loads(skeleton, [t.to(device, copy=True) for t in _unpack(data, metas)])
                 results[rank] = value
                 waiting.discard(rank)
         return results if all_reply else results[0]
@@ -262,12 +255,15 @@ class DriverChannel:
             pass
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+        self._outbox.close()
+        self._inbox.close()
 
 
 class WorkerChannel:
     """A rank's end. recv() gives every rank the same (seq, op, body) with tensors on `device`."""
 
-    def __init__(self, address, authkey: bytes, rank: int, device: torch.device, broadcast: Callable):
+    def __init__(self, address, authkey: bytes, rank: int, device: torch.device, broadcast: Callable,
+                 shared: bool):
         self.rank = rank
         self.device = device
         self._broadcast = broadcast  # broadcast(tensor, src=0), collective over all ranks
@@ -275,19 +271,18 @@ class WorkerChannel:
         _no_delay(self._conn)
         self._conn.send(rank)
         self._slots: dict[int, torch.Tensor] = {}
+        self._inbox, self._outbox = Inbox(), Outbox(shared)
         self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
 
     def recv(self):
-        seq, op, skeleton, metas, nbytes = self._conn.recv()
+        seq, op, skeleton, metas, desc = self._conn.recv()
         t0 = time.perf_counter()
         buf = None
-        if nbytes:
-            if self.rank == 0:
-                host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                self._conn.recv_bytes_into(host.numpy())
-                buf = host.to(self.device, non_blocking=True)
+        if desc:
+            if self.rank == 0:  # a copy of its own: the driver reuses its buffer for the next request
+                buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
             else:
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                buf = torch.empty(desc[-1], dtype=torch.uint8, device=self.device)
             # NOTE: collective; every rank got the same header, so every rank reaches it.
             self._broadcast(buf)
         tensors = _unpack(buf, metas) if buf is not None else [None] * len(metas)
@@ -297,21 +292,23 @@ class WorkerChannel:
             elif m.slot >= 0:
                 self._slots[m.slot] = tensors[i]
         self.inbound_seconds += time.perf_counter() - t0
-        return seq, op, _rebuild(skeleton, tensors)
+        return seq, op, _loads(skeleton, tensors)
 
     def reply(self, seq: int, value: Any) -> None:
-        tensors: list[torch.Tensor] = []
-        skeleton = _flatten(value, tensors)
+        skeleton, tensors = _dumps(value)
         if not tensors:
-            self._conn.send((seq, "ok", value, 0))
+            self._conn.send((seq, "ok", value, None))
             return
-        offsets, buf = _pack(tensors)
+        offsets, desc, trailing = self._outbox.stage(tensors)
         metas = [TensorMeta(tuple(t.shape), t.dtype, off, -1) for t, off in zip(tensors, offsets)]
-        self._conn.send((seq, "ok", (skeleton, metas), buf.numel()))
-        self._conn.send_bytes(buf.numpy())
+        self._conn.send((seq, "ok", (skeleton, metas), desc))
+        if trailing is not None:
+            self._conn.send_bytes(trailing.numpy())
 
     def fail(self, seq: int, message: str, status: str = "error") -> None:
-        self._conn.send((seq, status, message, 0))
+        self._conn.send((seq, status, message, None))
 
     def close(self) -> None:
         self._conn.close()
+        self._outbox.close()
+        self._inbox.close()

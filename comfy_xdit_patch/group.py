@@ -121,7 +121,8 @@ class WorkerGroup:
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
         same_host = all(ip == ray.util.get_node_ip_address() for ip in ips)
         self.channel = channel_mod.DriverChannel(self.world, host=None if same_host else ray.util.get_node_ip_address())
-        self.serving = [a.serve.remote(self.channel.address, self.channel.authkey) for a in self.actors]
+        self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
+                        for a in self.actors]
         self.channel.accept(left(), self.check_alive)
         self.start_seconds = time.perf_counter() - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
@@ -151,12 +152,18 @@ class WorkerGroup:
                                     alive=self.check_alive, interrupted=self._interrupted)
 
     def prepare(self, spec) -> None:
-        self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+        """Make `spec` current on every rank; its patches cross only to ranks that lack them."""
+        import dataclasses
 
-    def call(self, key: str, family: str, mesh, chunks: int, call):
+        light = dataclasses.replace(spec, patches=None) if spec.patches else spec
+        replies = self.request("prepare", light, all_reply=True, timeout=self.config.load_timeout)
+        if "missing" in replies.values():
+            self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+
+    def call(self, key: str, family: str, mesh, chunks: int, call, device):
         return self.channel.request("call", (key, family, mesh, chunks, call.args, call.kwargs),
                                     timeout=self.config.timeout, alive=self.check_alive,
-                                    interrupted=self._interrupted, keep=call.static)
+                                    interrupted=self._interrupted, keep=call.static, device=device)
 
     def stats(self, reset: bool = False) -> list[dict]:
         replies = self.request("stats", reset, all_reply=True)

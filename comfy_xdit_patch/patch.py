@@ -6,6 +6,7 @@ routed model's weights stay off this process's GPU). uninstall() puts back the e
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 
@@ -24,6 +25,12 @@ _TARGETS = (
 _lock = threading.Lock()
 _originals: list[tuple[object, str, object]] = []  # (owner, attribute, original as stored on the owner)
 _router = None
+_exit_hook = [False]
+
+
+def _at_exit() -> None:
+    if _router is not None:
+        _router.close_group()
 
 
 def _owner(module_name: str, path: str):
@@ -52,6 +59,9 @@ def install(config: Config, router=None):
             wrapt.wrap_function_wrapper(owner, attr, lambda wrapped, instance, args, kwargs, h=handler:
                                         h(wrapped, instance, args, kwargs))
         _router = router
+        if not _exit_hook[0]:
+            atexit.register(_at_exit)  # the worker group is torn down when ComfyUI exits
+            _exit_hook[0] = True
         log.info("comfy_xdit_patch: routing FLUX to %d %s rank(s)", config.workers, "GPU" if config.use_gpu else "CPU")
         return router
 

@@ -68,3 +68,19 @@ def save(sd: dict, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
     return path
+
+
+def lora(model_state_dict: dict, rank: int = 16, seed: int = 0, scale: float = 0.02,
+         targets: tuple = ("qkv", "proj", "linear1", "linear2", "img_mlp.0", "txt_mlp.0")) -> dict:
+    """A LoRA in the common lora_down/lora_up format for a FLUX state dict's attention and MLP layers,
+    keyed as ComfyUI's LoraLoader expects ("diffusion_model." prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, w in model_state_dict.items():
+        if w.ndim != 2 or not key.endswith(".weight") or not any(f".{t}." in key for t in targets):
+            continue
+        base = "diffusion_model." + key[: -len(".weight")]
+        out[base + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * scale
+        out[base + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * scale
+        out[base + ".alpha"] = torch.tensor(float(rank))
+    return out

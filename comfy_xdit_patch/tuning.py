@@ -3,22 +3,24 @@
 More pieces hide more of the exchange behind attention, but each attention kernel then gets fewer
 heads, and below about one wave of thread blocks the GPU idles. Which wins depends on the GPU, the
 sequence length and the heads per rank, so for each (input shape, layout) the first calls try each
-candidate twice and the fastest is kept. Results are identical for every choice (per-head maths).
-The driver decides and sends the choice with each call, so all ranks agree.
+candidate three times and the one whose third call was fastest is kept (on GPUs a rank runs a new
+call shape eagerly, then captures it as a CUDA graph, then replays it: the third call is the one
+that counts). Results are identical for every choice (per-head maths). The driver decides and sends
+the choice with each call, so all ranks agree.
 """
 from __future__ import annotations
 
 import collections
 
-CANDIDATES = (1, 2, 3, 4)
-TRIALS = 2
+CANDIDATES = (1, 2, 3)
+TRIALS = 3
 
 
 class ChunkTuner:
     def __init__(self, fixed: int | None):
         self.fixed = fixed
         self._todo: dict = {}
-        self._times: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+        self._times: dict = collections.defaultdict(dict)  # key -> {chunks: seconds of the latest trial}
         self.best: dict = {}
 
     def choose(self, key, heads_per_rank: int) -> int:
@@ -34,7 +36,7 @@ class ChunkTuner:
         if self.fixed is not None or key in self.best or not todo or todo[0] != chunks:
             return
         todo.pop(0)
-        self._times[key][chunks].append(seconds)
+        self._times[key][chunks] = seconds
         if not todo:
             times = self._times.pop(key)
-            self.best[key] = min(times, key=lambda c: min(times[c]))
+            self.best[key] = min(times, key=times.get)

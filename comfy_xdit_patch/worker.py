@@ -127,14 +127,14 @@ class Worker:
         return os.getpid(), ray.util.get_node_ip_address()
 
     # --- the serving loop (one long-running Ray call) ----------------------------------------------
-    def serve(self, address, authkey: bytes) -> str:
+    def serve(self, address, authkey: bytes, shared: bool) -> str:
         import torch.distributed as dist
 
         from .channel import WorkerChannel
         from .plans.layout import LayoutError
 
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
-                                               lambda t: dist.broadcast(t, src=0))
+                                               lambda t: dist.broadcast(t, src=0), shared)
         handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release,
                     "probe": self.probe}
         while True:
@@ -192,15 +192,14 @@ class Worker:
         return patcher
 
     def prepare(self, spec) -> str:
-        """Make the model of `spec` (base + patches) current on the device."""
-        import ray
-
+        """Make the model of `spec` (base + patches) current on the device ("missing": send patches)."""
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
+            if spec.patches is None:  # sent without its patches, which this rank doesn't hold
+                return "missing"
             base = self._base(spec)
             clone = base.clone()
-            patches = ray.get(spec.patches) if spec.patches is not None else {}
-            clone.patches = {k: list(v) for k, v in patches.items()}
+            clone.patches = {k: list(v) for k, v in (spec.patches or {}).items()}
             clone.patches_uuid = spec.patches_uuid
             for name, obj in spec.object_patches.items():
                 clone.add_object_patch(name, obj)
@@ -257,11 +256,19 @@ class Worker:
                 override(nothing, q, q, q, heads, skip_reshape=True)
 
         step()
-        sync = self.torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        run, sync = step, (lambda: None)
+        if self.device.type == "cuda":  # time the GPU side, as the captured model calls run it
+            sync = self.torch.cuda.synchronize
+            sync()
+            graph = self.torch.cuda.CUDAGraph()
+            with self.torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+            run()
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
-            step()
+            run()
         sync()
         return (time.perf_counter() - t0) / reps
 

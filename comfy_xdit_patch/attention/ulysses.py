@@ -1,12 +1,14 @@
 """Ulysses attention over torch.distributed all-to-all (any backend: gloo on CPU, NCCL on GPU).
 
-Each rank holds `chunk` tokens of every head. An all-to-all (q, k and v fused) gives every rank the
-whole sequence for heads/world of the heads; ComfyUI's own attention function runs on that; a second
-all-to-all brings each token's output back to its rank.
+Each rank holds `chunk` tokens of every head. All-to-alls of q, k and v give every rank the whole
+sequence for heads/world of the heads; ComfyUI's own attention function runs on that; an all-to-all
+of the output brings each token's result back to its rank.
 
-With `chunks` > 1 the heads are exchanged in that many pieces, all launched at once (asynchronous,
-NCCL's stream), and the attention of piece c runs while piece c+1 arrives and piece c-1's output
-leaves: the exchange hides behind the attention. Per-head results are the same for any `chunks`.
+Heads are dealt out piece-major: head (c * world + j) * h + i goes to rank j in piece c. For a batch
+of one, every piece of q/k/v is then already laid out rank by rank, so nothing is copied before
+sending, and the output goes back in one strided copy. With `chunks` > 1 the pieces are exchanged
+asynchronously (NCCL's stream): piece c's attention runs while piece c+1 arrives and piece c-1's
+output leaves. Per-head results are the same for any `chunks`.
 """
 from __future__ import annotations
 
@@ -33,23 +35,25 @@ def make_override(group, world: int, total: int, chunks: int = 1):
             # NOTE: FLUX always passes (B, H, L, D) with no mask; anything else is a bug upstream of us.
             raise RuntimeError("sequence-parallel attention needs (B,H,L,D) q/k/v, no mask, heads % ranks == 0")
         b, _, length, d = q.shape
-        per = heads // world  # heads this rank attends
-        g = chunks if per % chunks == 0 else 1
-        h = per // g
-        # head index = rank j * per + piece c * h + i  ->  send piece c: (world j, 3, B, h, L, D)
-        qkv = torch.stack((q, k, v)).reshape(3, b, world, g, h, length, d)
-        incoming = [_exchange(qkv[:, :, :, c].permute(2, 0, 1, 3, 4, 5).contiguous(), group) for c in range(g)]
+        g = chunks if (heads // world) % chunks == 0 else 1
+        h = heads // world // g
+
+        def piece(t, c):  # (B, H, L, D) -> (world, B, h, L, D) for piece c; a view when B == 1
+            return t.reshape(b, g, world, h, length, d)[:, c].transpose(0, 1).contiguous()
+
+        incoming = [[_exchange(piece(t, c), group) for t in (q, k, v)] for c in range(g)]
+        result = q.new_empty(b, length, g, world, h, d)
         outgoing = []
-        for recv, work in incoming:
+        for c, exchanges in enumerate(incoming):
+            full = []
+            for recv, work in exchanges:
+                work.wait()
+                full.append(recv.permute(1, 2, 0, 3, 4).reshape(b, h, world * length, d))
+            out = func(full[0], full[1][:, :, :total], full[2][:, :, :total], h, *args, skip_reshape=True, **kwargs)
+            outgoing.append(_exchange(out.reshape(b, world, length, h * d).transpose(0, 1).contiguous(), group))
+        for c, (recv, work) in enumerate(outgoing):
             work.wait()
-            full = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h, world * length, d)
-            out = func(full[0], full[1, :, :, :total], full[2, :, :, :total], h, *args, skip_reshape=True, **kwargs)
-            outgoing.append(_exchange(out.reshape(b, world, length, h, d).permute(1, 0, 2, 3, 4).contiguous(), group))
-        pieces = []
-        for recv, work in outgoing:
-            work.wait()
-            pieces.append(recv)  # (world j, B, L, h, D)
-        out = torch.stack(pieces, dim=1)  # (world, g, B, L, h, D)
-        return out.permute(2, 3, 0, 1, 4, 5).reshape(b, length, heads * d)
+            result[:, :, c] = recv.reshape(world, b, length, h, d).permute(1, 2, 0, 3, 4)
+        return result.reshape(b, length, heads * d)
 
     return override
