@@ -278,7 +278,8 @@ def _plot(results: dict, path: str) -> None:
     """Speed-up against ranks, one line per size (PIL only)."""
     from PIL import Image, ImageDraw
 
-    runs = [r for r in results["runs"] if r["parallel"] == "auto" and not r["env"] and r["cfg"] == 1]
+    runs = [r for r in results["runs"] if r["parallel"] == "auto" and not r["env"] and r["cfg"] == 1
+            and not r.get("lora")]
     if not runs:
         return
     w, h, m = 640, 420, 50
@@ -298,7 +299,9 @@ def _plot(results: dict, path: str) -> None:
         pts = [(1, 1.0)] + sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
         d.line([(sx(n), sy(s)) for n, s in pts], fill=colors[i % 3], width=3)
         d.text((w - m - 120, m + 16 * i), f"{size}x{size}", fill=colors[i % 3])
-    d.text((m, 15), f"speed-up vs ComfyUI on 1 GPU ({results['machine']['gpus'][:1]})", fill="black")
+    gpu = (results["machine"]["gpus"] or ["CPU"])[0]
+    d.text((m, 15), f"speed-up vs ComfyUI alone on 1 GPU, cfg 1 ({len(results['machine']['gpus'])}x {gpu})",
+           fill="black")
     d.text((w // 2 - 20, h - 20), "ranks", fill="black")
     img.save(path)
 
