@@ -53,7 +53,8 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    resources = {"num_cpus": max(os.cpu_count() or 1, config.workers)}
+    # CPU ranks mostly wait on each other; room for a second group (a restart beside a dying one)
+    resources = {"num_cpus": max(os.cpu_count() or 1, 2 * config.workers)}
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if use_gpu and config.devices:
         visible = saved.split(",") if saved else [str(i) for i in range(config.gpus)]

@@ -194,6 +194,7 @@ class Router:
         self.tuner.record(shape, chunks, seconds)
         self.timing["call_seconds"] += seconds
         self.stats["routed_calls"] += 1
+        self.stats[f"layout {mesh}"] += 1
         run.routed += 1
         return out
 

@@ -84,3 +84,30 @@ def lora(model_state_dict: dict, rank: int = 16, seed: int = 0, scale: float = 0
         out[base + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * scale
         out[base + ".alpha"] = torch.tensor(float(rank))
     return out
+
+
+def tiny_controlnet(heads: int = 2, depth: int = 1, single: int = 1, context_dim: int = TINY_CONTEXT_DIM,
+                    seed: int = 0) -> dict:
+    """An XLabs-format Flux ControlNet (image hint), detected by ComfyUI's ControlNetLoader."""
+    import comfy.ldm.flux.controlnet as cn
+
+    params = dict(FLUX_DEV, hidden_size=128 * heads, num_heads=heads, depth=depth, depth_single_blocks=single,
+                  context_in_dim=context_dim)
+    torch.manual_seed(seed)
+    model = cn.ControlNetFlux(operations=torch.nn, **params)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # the released XLabs files name RMSNorm weights "scale", which is how ComfyUI recognises them
+    return {(k[: -len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
+            for k, v in sd.items()}
+
+
+def tiny_chroma(depth: int = 1, single: int = 1, context_dim: int = TINY_CONTEXT_DIM, seed: int = 0) -> dict:
+    """Chroma as ComfyUI detects it; its modulation approximator fixes hidden size 3072 (24 heads)."""
+    import comfy.ldm.chroma.model as chroma
+
+    torch.manual_seed(seed)
+    model = chroma.Chroma(in_channels=64, out_channels=64, context_in_dim=context_dim, hidden_size=3072,
+                          mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                          theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
+                          n_layers=5, txt_ids_dims=[], vec_in_dim=None, operations=torch.nn)
+    return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}

@@ -115,3 +115,27 @@ def compare(router, unrouted):
         return routed, reference, calls
 
     return run
+
+
+def node(cls, **inputs):
+    """Run a stock ComfyUI node (classic or io.ComfyNode) the way the executor does; its outputs."""
+    if hasattr(cls, "FUNCTION"):
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+    return cls.execute(**inputs).result
+
+
+@pytest.fixture(scope="session")
+def flux_file(models_dir):
+    """flux_file(**tiny_flux params) -> path of a tiny FLUX checkpoint made once per session."""
+    from comfy_xdit_patch import synthetic
+
+    made = {}
+
+    def make(**params):
+        key = tuple(sorted(params.items()))
+        if key not in made:
+            name = "flux_" + "_".join(f"{k}{v}" for k, v in key) + ".safetensors"
+            made[key] = synthetic.save(synthetic.tiny_flux(**params), os.path.join(models_dir, name))
+        return made[key]
+
+    return make

@@ -38,6 +38,8 @@ class Plan:
     entry_none: tuple[str, ...] = ()
     # forward() arguments that stay the same for a whole sampling run (they cross once per run)
     static: tuple[str, ...] = ()
+    # transformer_options keys the model's own code reads (others only matter to wrappers outside it)
+    reads_options: tuple[str, ...] = ("patches", "patches_replace", "rope_options", "optimized_attention_override")
 
     def model_type(self) -> type | None:
         module, _, name = self.model_class.partition(":")
@@ -113,9 +115,13 @@ def check(plan: Plan, model, args: tuple, kwargs: dict) -> Checked:
     for key in ("patches", "patches_replace"):
         if any(options.pop(key, {}).values()):
             return Checked(f"transformer_options['{key}'] set by another node")
-    for key, value in options.items():
+    if "optimized_attention_override" in options:
+        return Checked("another node's attention override")
+    for key, value in list(options.items()):
         if not _plain(value):
-            return Checked(f"transformer_options['{key}'] holds {type(value).__name__}")
+            if key in plan.reads_options:
+                return Checked(f"transformer_options['{key}'] holds {type(value).__name__}")
+            del options[key]  # e.g. EasyCache's state: only its own wrappers, outside the model, read it
     for name, value in bound.arguments.items():
         if name != "transformer_options" and not _plain(value):
             return Checked(f"argument {name} holds {type(value).__name__}")
