@@ -54,21 +54,35 @@ def _attach(name: str, track: bool) -> shared_memory.SharedMemory:
     return seg
 
 
-def _close(seg) -> None:
-    try:
-        seg.close()
-    except BufferError:  # a caller still holds a view: the mapping goes when it does
-        pass
+class _Mapping:
+    """A shared-memory segment mapped here as a uint8 tensor (page-locked when CUDA is there)."""
+
+    def __init__(self, seg: shared_memory.SharedMemory):
+        self.seg = seg
+        self.view = torch.frombuffer(seg.buf, dtype=torch.uint8)
+        self.pinned = _pin(self.view)
+
+    def close(self, unlink: bool) -> None:
+        if self.pinned:
+            _unpin(self.view)
+        self.view = None
+        try:
+            self.seg.close()
+        except BufferError:  # a caller still holds a view: the mapping goes when it does
+            pass
+        if unlink:
+            try:
+                self.seg.unlink()
+            except FileNotFoundError:  # the other side removed it already
+                pass
 
 
 class Outbox:
-    """The writing side of one direction."""
+    """The writing side of one direction; it owns (creates and removes) its segment."""
 
     def __init__(self, shared: bool):
         self.shared = shared
-        self._seg = None
-        self._view = None
-        self._pinned = False
+        self._map: _Mapping | None = None
 
     def stage(self, tensors: list[torch.Tensor]):
         """(offsets, descriptor, bytes to send after the header or None)."""
@@ -78,26 +92,16 @@ class Outbox:
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             _fill(buf, tensors, offsets, pin)
             return offsets, ("bytes", size), buf
-        if self._seg is None or self._seg.size < size:
+        if self._map is None or self._map.seg.size < size:
             self.close()
-            self._seg = shared_memory.SharedMemory(create=True, size=max(size, 1 << 20))
-            self._view = torch.frombuffer(self._seg.buf, dtype=torch.uint8)
-            self._pinned = _pin(self._view)
-        _fill(self._view[:size], tensors, offsets, self._pinned)
-        return offsets, ("shm", self._seg.name, size), None
+            self._map = _Mapping(shared_memory.SharedMemory(create=True, size=max(size, 1 << 20)))
+        _fill(self._map.view[:size], tensors, offsets, self._map.pinned)
+        return offsets, ("shm", self._map.seg.name, size), None
 
     def close(self) -> None:
-        if self._seg is None:
-            return
-        if self._pinned:
-            _unpin(self._view)
-        self._view = None
-        _close(self._seg)
-        try:
-            self._seg.unlink()
-        except FileNotFoundError:  # the reader removed it already (see Inbox.close)
-            pass
-        self._seg = None
+        if self._map is not None:
+            self._map.close(unlink=True)
+            self._map = None
 
 
 class Inbox:
@@ -105,12 +109,9 @@ class Inbox:
     reuses for its next message: copy what must outlive that."""
 
     def __init__(self, owns: bool = False):
-        """owns: close(unlink=True) will remove the writer's segments (the driver, for its ranks)."""
+        """owns: close() also removes the writer's segment (the driver does, for a rank that died)."""
         self._owns = owns
-        self._name = None
-        self._seg = None
-        self._view = None
-        self._pinned = False
+        self._map: _Mapping | None = None
 
     def take(self, conn, desc) -> torch.Tensor:
         if desc[0] == "bytes":
@@ -118,25 +119,12 @@ class Inbox:
             conn.recv_bytes_into(buf.numpy())
             return buf
         _, name, size = desc
-        if name != self._name:
+        if self._map is None or self._map.seg.name != name:
             self.close()
-            self._seg = _attach(name, track=self._owns)
-            self._view = torch.frombuffer(self._seg.buf, dtype=torch.uint8)
-            self._pinned = _pin(self._view)
-            self._name = name
-        return self._view[:size]
+            self._map = _Mapping(_attach(name, track=self._owns))
+        return self._map.view[:size]
 
     def close(self) -> None:
-        """An owning inbox also removes the segment (a rank may have died without doing so)."""
-        if self._seg is None:
-            return
-        if self._pinned:
-            _unpin(self._view)
-        self._view = None
-        _close(self._seg)
-        if self._owns:
-            try:
-                self._seg.unlink()
-            except FileNotFoundError:
-                pass
-        self._seg, self._name = None, None
+        if self._map is not None:
+            self._map.close(unlink=self._owns)
+            self._map = None

@@ -135,14 +135,11 @@ class Worker:
 
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
                                                lambda t: dist.broadcast(t, src=0), shared)
-        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "release": self.release,
-                    "probe": self.probe}
+        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe}
         while True:
             try:
                 seq, op, body = channel.recv()
-            except (EOFError, OSError):
-                return "closed"
-            if op == "close":
+            except (EOFError, OSError):  # the driver closed the group (or went away)
                 channel.close()
                 return "closed"
             try:
@@ -212,10 +209,6 @@ class Worker:
         self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
         self.load_seconds = time.perf_counter() - t0
         return "ready"
-
-    def release(self, body) -> str:
-        self.loaded.clear()
-        return "released"
 
     def _kernel_preference(self):
         """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""

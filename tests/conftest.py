@@ -87,6 +87,15 @@ def load_flux():
     return lambda path: comfy.sd.load_diffusion_model(path)
 
 
+def sample(model, pos, neg, latent, steps=4, callback=None, seed=3):
+    """comfy.sample.sample as KSampler calls it, with a per-step callback and no progress bar."""
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, latent["samples"],
+                               callback=callback, disable_pbar=True, seed=seed)
+
+
 def ksample(model, positive, negative, latent, steps=3, cfg=1.0, sampler="euler", scheduler="simple", seed=7):
     import nodes
 

@@ -6,18 +6,11 @@ import signal
 import threading
 
 import comfy.model_management
-import comfy.sample
 import pytest
 import torch
 
 import tiny
-from conftest import TOL, assert_originals
-
-
-def sample(model, pos, neg, latent, steps=4, callback=None, seed=3):
-    noise = comfy.sample.prepare_noise(latent["samples"], seed)
-    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, latent["samples"],
-                               callback=callback, disable_pbar=True, seed=seed)
+from conftest import TOL, assert_originals, sample
 
 
 @pytest.fixture

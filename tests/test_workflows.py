@@ -14,7 +14,7 @@ from comfy_extras import nodes_edit_model, nodes_flux, nodes_model_advanced
 
 import tiny
 from comfy_xdit_patch import synthetic
-from conftest import ksample, node
+from conftest import ksample, node, sample
 
 
 @pytest.fixture
@@ -147,21 +147,13 @@ def test_impossible_forced_layout_is_refused_before_sampling(router, flux, monke
     cb = lambda *a: steps.append(a)  # noqa: E731
     monkeypatch.setattr(router, "config", dataclasses.replace(router.config, parallel=Mesh(ring=2), fallback="error"))
     with pytest.raises(LayoutError, match="ring > 1"):
-        comfy_sample(flux, callback=cb)
+        sample(flux, tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48), steps=2, callback=cb)
     assert steps == []  # refused before the first step
     monkeypatch.setattr(router, "config", dataclasses.replace(router.config, fallback="local"))
     before = router.stats["routed_calls"]
     with caplog.at_level(logging.INFO, logger="comfy_xdit_patch"):
-        comfy_sample(flux, callback=cb)
+        sample(flux, tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48), steps=2, callback=cb)
     assert router.stats["routed_calls"] == before and "ring > 1" in caplog.text
-
-
-def comfy_sample(model, callback=None, steps=2):
-    import comfy.sample
-
-    latent = tiny.latent(64, 48)["samples"]
-    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 1), steps, 1.0, "euler", "simple",
-                               tiny.conditioning(1), tiny.conditioning(2), latent, callback=callback, disable_pbar=True)
 
 
 # --- inputs the ranks can't take run in ComfyUI's process, logged once per model ----------------------
