@@ -121,6 +121,7 @@ class DriverChannel:
         self.shared = host is None  # tensor bytes through shared memory (one host)
         self._outbox, self._inbox = Outbox(self.shared), Inbox(owns=True)
         self._seq = 0
+        self._abandoned = None  # a request whose reply was not waited for (ComfyUI's interrupt)
         self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._free = list(range(_CACHE_SLOTS))
         self._lock = threading.Lock()
@@ -174,6 +175,10 @@ class DriverChannel:
         Tensors of `body` that are in `keep` are cached on the ranks across requests; tensors in the
         reply are placed on `device` (default: CPU)."""
         with self._lock:
+            if self._abandoned is not None:
+                # NOTE: its payload must be read before the shared segment is written again
+                abandoned, self._abandoned = self._abandoned, None
+                self._replies(abandoned, False, timeout, alive, lambda: None, torch.device("cpu"))
             self._seq += 1
             seq = self._seq
             skeleton, tensors = _dumps(body)
@@ -198,7 +203,11 @@ class DriverChannel:
                     self._conns[0].send_bytes(trailing.numpy())
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
-            return self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"))
+            try:
+                return self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"))
+            except BaseException:
+                self._abandoned = seq
+                raise
 
     def _replies(self, seq, all_reply, timeout, alive, interrupted, device):
         deadline = time.monotonic() + timeout
