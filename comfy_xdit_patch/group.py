@@ -114,14 +114,14 @@ class WorkerGroup:
                     self.config.sdpa, self.config.cuda_graphs, self.config.model_cache)
             for r in range(self.world)
         ]
-        host, port, _ = ray.get(self.actors[0].address.remote(), timeout=left())
+        host, port = ray.get(self.actors[0].address.remote(), timeout=left())
         self.pids, ips = zip(*ray.get([a.where.remote() for a in self.actors], timeout=left()))
         self.pids = list(self.pids)
         backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
         self.attention = backends[0]
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
-        same_host = all(ip == ray.util.get_node_ip_address() for ip in ips)
-        self.channel = channel_mod.DriverChannel(self.world, host=None if same_host else ray.util.get_node_ip_address())
+        here = ray.util.get_node_ip_address()
+        self.channel = channel_mod.DriverChannel(self.world, host=None if set(ips) == {here} else here)
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
         self.channel.accept(left(), self.check_alive)
@@ -148,9 +148,9 @@ class WorkerGroup:
         # ComfyUI's interrupt is a BaseException: it propagates past every fallback.
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def request(self, op: str, body=None, all_reply=False, timeout=None):
+    def request(self, op: str, body=None, all_reply=False, timeout=None, **kw):
         return self.channel.request(op, body, all_reply=all_reply, timeout=timeout or self.config.timeout,
-                                    alive=self.check_alive, interrupted=self._interrupted)
+                                    alive=self.check_alive, interrupted=self._interrupted, **kw)
 
     def prepare(self, spec) -> None:
         """Make `spec` current on every rank; its patches cross only to ranks that lack them."""
@@ -162,9 +162,8 @@ class WorkerGroup:
             self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
 
     def call(self, key: str, family: str, mesh, chunks: int, call, device):
-        return self.channel.request("call", (key, family, mesh, chunks, call.args, call.kwargs),
-                                    timeout=self.config.timeout, alive=self.check_alive,
-                                    interrupted=self._interrupted, keep=call.static, device=device)
+        return self.request("call", (key, family, mesh, chunks, call.args, call.kwargs), keep=call.static,
+                            device=device)
 
     def stats(self, reset: bool = False) -> list[dict]:
         replies = self.request("stats", reset, all_reply=True)

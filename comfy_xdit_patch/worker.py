@@ -95,14 +95,14 @@ class Worker:
         self.load_seconds = 0.0
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
-    def address(self) -> tuple[str, int, int]:
-        """(node ip, port of a listening socket for the rendezvous store, pid). Called on rank 0 only."""
+    def address(self) -> tuple[str, int]:
+        """(node ip, port of a listening socket for the rendezvous store). Called on rank 0 only."""
         import ray
 
         host = ray.util.get_node_ip_address()
         # NOTE: the store listens on this pre-bound socket, so on a private cluster it is loopback only.
         self._store_socket = socket.create_server((host, 0))
-        return host, self._store_socket.getsockname()[1], os.getpid()
+        return host, self._store_socket.getsockname()[1]
 
     def init_distributed(self, host: str, port: int, timeout_s: float) -> str:
         import torch.distributed as dist
