@@ -186,6 +186,7 @@ class Bench:
                 self.sample(model, size, cfg, self.a.warmup)
                 group.stats(reset=True)
                 calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
+                parts0 = dict(group.channel.timing, route=router.timing["route_seconds"])
                 profiler = None
                 if self.a.profile and not self.results.get("profiled"):
                     import cProfile
@@ -201,12 +202,19 @@ class Bench:
                 per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
                 busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
                 inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
+                parts = dict(group.channel.timing, route=router.timing["route_seconds"])
+                parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
+                parts["wait_minus_compute"] = parts.pop("wait", 0.0) - busy
+                parts["rank_inbound"] = inbound
+                parts["rank0_reply"] = stats[0]["reply_seconds"] / max(stats[0]["calls"], 1)
                 shape = (2 if cfg != 1 else 1, 16, size // 8, size // 8)
                 chunks = [c for (s, _), c in router.tuner.best.items() if s == shape]
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
                        "parallel": parallel or "auto", "env": env,
                        "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
                        "compute_s": busy, "dispatch_s": per_call - busy, "inbound_s": inbound,
+                       "dispatch_parts_ms": {k: round(v * 1e3, 3) for k, v in parts.items()},
+                       "exchange": stats[0].get("exchange"),
                        "graph_replays": stats[0]["graph_replays"],
                        "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
                        "a2a_s": self._a2a(group, router, size, cfg),
@@ -220,11 +228,30 @@ class Bench:
                 print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
                       f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
                       f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
-                      f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms",
-                      flush=True)
+                      f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms, "
+                      f"exchange {row['exchange']}, dispatch parts (ms) {row['dispatch_parts_ms']}", flush=True)
+                self._save()
+            if extra_lora := [c for c in cases if c[3]]:
+                self.results["lora_ab"] = self.lora_ab(patcher, extra_lora[0][0])
                 self._save()
         finally:
             patch.uninstall()
+
+    def lora_ab(self, off, on) -> dict:
+        """LoRA on vs off, interleaved (off, on, off, on, ...) so drifting clocks hit both alike."""
+        import statistics
+
+        size, cfg = self.sizes[0], self.cfgs[0]
+        times = {"off": [], "on": []}
+        for _ in range(3):
+            for tag, model in (("off", off), ("on", on)):
+                self.sample(model, size, cfg, 3)  # the ranks re-sync their weights and re-capture
+                times[tag].append(self.sample(model, size, cfg, self.a.steps)[1] / self.a.steps)
+        ratio = statistics.median(times["on"]) / statistics.median(times["off"])
+        print(f"LoRA r{self.a.lora} on vs off, 2 ranks {size}², interleaved x3: off {times['off']}, on {times['on']} "
+              f"s/step -> on/off {ratio:.4f}", flush=True)
+        return {"size": size, "cfg": cfg, "off_s_per_step": times["off"], "on_s_per_step": times["on"],
+                "on_over_off": ratio}
 
     def _dump_profile(self, profiler, label, size) -> None:
         import io

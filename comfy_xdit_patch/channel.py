@@ -3,9 +3,10 @@
 Ray only places and supervises the workers. Each rank holds one authenticated connection
 (multiprocessing.connection) to the driver: a Unix socket on one host, TCP with TCP_NODELAY across
 hosts (Nagle's algorithm with delayed ACKs would add ~40 ms to every reply). A request is a small
-pickled header sent to every rank, plus ONE byte buffer with the tensors that rank 0 has not seen yet,
-for rank 0 only (in shared memory on one host, see transport.py); rank 0 broadcasts it to the other
-ranks with torch.distributed (NCCL on GPUs), so the driver's cost does not grow with the ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
+pickled header sent to every rank, plus ONE byte buffer with the tensors the ranks have not seen yet:
+on one host a shared-memory segment that every rank copies from (see transport.py); across hosts
+bytes on rank 0's connection, which rank 0 broadcasts with torch.distributed (NCCL on GPUs), so the
+driver's cost does not grow with the ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
 reference latents) are recognised with torch.equal and cross once per sampling run: both sides keep
 the same small LRU of them, which the driver orders.
 """
@@ -125,6 +126,7 @@ class DriverChannel:
         self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._free = list(range(_CACHE_SLOTS))
         self._lock = threading.Lock()
+        self.timing = collections.Counter()  # seconds: staging+sending requests, waiting, taking replies
 
     def accept(self, timeout: float, alive: Callable[[], None]) -> None:
         """Wait for every rank to connect (each first sends its rank)."""
@@ -175,6 +177,7 @@ class DriverChannel:
         Tensors of `body` that are in `keep` are cached on the ranks across requests; tensors in the
         reply are placed on `device` (default: CPU)."""
         with self._lock:
+            t0 = time.perf_counter()
             if self._abandoned is not None:
                 # NOTE: its payload must be read before the shared segment is written again
                 abandoned, self._abandoned = self._abandoned, None
@@ -203,6 +206,7 @@ class DriverChannel:
                     self._conns[0].send_bytes(trailing.numpy())
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
+            self.timing["send"] += time.perf_counter() - t0
             try:
                 return self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"))
             except BaseException:
@@ -214,6 +218,7 @@ class DriverChannel:
         waiting = set(range(self.world)) if all_reply else {0}
         results: dict[int, Any] = {}
         by_conn = {id(c): r for r, c in enumerate(self._conns)}
+        t0 = time.perf_counter()
         while waiting:
             ready = wait(self._conns, timeout=0.05)
             if not ready:
@@ -224,6 +229,8 @@ class DriverChannel:
                 continue
             for conn in ready:
                 rank = by_conn[id(conn)]
+                t1 = time.perf_counter()
+                self.timing["wait"] += t1 - t0
                 try:
                     rseq, status, value, desc = conn.recv()
                     data = self._inbox.take(conn, desc) if desc else None
@@ -241,6 +248,8 @@ class DriverChannel:
                     value = _loads(skeleton, [t.to(device, copy=True) for t in _unpack(data, metas)])
                 results[rank] = value
                 waiting.discard(rank)
+                t0 = time.perf_counter()
+                self.timing["take"] += t0 - t1
         return results if all_reply else results[0]
 
     def _raise_if_a_rank_died(self) -> None:
@@ -282,12 +291,18 @@ class WorkerChannel:
         self._slots: dict[int, torch.Tensor] = {}
         self._inbox, self._outbox = Inbox(), Outbox(shared)
         self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
+        self.reply_seconds = 0.0  # staging and sending replies
 
     def recv(self):
         seq, op, skeleton, metas, desc = self._conn.recv()
         t0 = time.perf_counter()
         buf = None
-        if desc:
+        if desc and desc[0] == "shm":
+            # One host: every rank copies the bytes from the driver's segment itself. The driver writes
+            # it again only after rank 0's reply, which no rank's work can precede: each rank's copy is
+            # queued before its first collective (every request but `call` is answered by every rank).
+            buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
+        elif desc:
             if self.rank == 0:  # a copy of its own: the driver reuses its buffer for the next request
                 buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
             else:
@@ -304,6 +319,7 @@ class WorkerChannel:
         return seq, op, _loads(skeleton, tensors)
 
     def reply(self, seq: int, value: Any) -> None:
+        t0 = time.perf_counter()
         skeleton, tensors = _dumps(value)
         if not tensors:
             self._conn.send((seq, "ok", value, None))
@@ -313,6 +329,7 @@ class WorkerChannel:
         self._conn.send((seq, "ok", (skeleton, metas), desc))
         if trailing is not None:
             self._conn.send_bytes(trailing.numpy())
+        self.reply_seconds += time.perf_counter() - t0
 
     def fail(self, seq: int, message: str, status: str = "error") -> None:
         self._conn.send((seq, status, message, None))

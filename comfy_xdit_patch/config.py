@@ -38,6 +38,7 @@ class Config:
     usp_kernel: str
     sdpa: str
     a2a_chunks: int | None  # None: tuned per shape
+    exchange: str
     cuda_graphs: bool
     model_cache: int
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
@@ -147,6 +148,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-4 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
+    EnvVar("COMFY_XDIT_EXCHANGE", "auto",
+           "Transport of the Ulysses all-to-alls: `auto` (GPU peer copies on one host when the ranks can map "
+           "each other's memory, else NCCL), `peer-copy` (required), `collective` (NCCL / gloo).",
+           _choice("auto", "peer-copy", "collective")),
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool),
@@ -194,6 +199,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
         sdpa=val.get("COMFY_XDIT_SDPA", "comfyui"),
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
+        exchange=val.get("COMFY_XDIT_EXCHANGE", "auto"),
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         gpus=gpus,

@@ -18,6 +18,7 @@ from .errors import GroupBroken, StepTimeout, WorkerDied
 
 log = logging.getLogger(__name__)
 
+_NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,7 +49,7 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
     os.environ["PYTHONPATH"] = _worker_path()  # the raylet, and so every worker, inherits it
     if not private:
         ray.init(address=config.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": _worker_path()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": _worker_path(), _NOSET: "1"}})
         return
     import ray._private.ray_constants as ray_constants
 
@@ -61,9 +62,13 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
         # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only these.
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in config.devices)
     resources["num_gpus"] = len(config.devices or ()) or config.gpus
+    # NOTE: ranks see every GPU Ray was started with and pick their own (worker.py): peer copies
+    # between ranks need each other's GPUs visible. The raylet, and so every worker, inherits this.
+    os.environ[_NOSET] = "1"
     try:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
     finally:
+        os.environ.pop(_NOSET, None)
         if saved is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
@@ -111,7 +116,7 @@ class WorkerGroup:
             actor.options(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0, name=None,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, self.world, comfy_root(), self.use_gpu, self.config.attention, self.config.usp_kernel,
-                    self.config.sdpa, self.config.cuda_graphs, self.config.model_cache)
+                    self.config.sdpa, self.config.exchange, self.config.cuda_graphs, self.config.model_cache)
             for r in range(self.world)
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=left())

@@ -176,6 +176,7 @@ class Router:
         if run is None or run.local or not self.active:
             return self._local(executor, run, args, kwargs)
         model = executor.class_obj
+        entered = time.perf_counter()
         call = plans.check(run.plan, model, args, kwargs)
         try:
             if call.reason:
@@ -186,6 +187,7 @@ class Router:
             shape = (tuple(args[0].shape), mesh)
             chunks = self.tuner.choose(shape, heads // mesh.ulysses) if mesh.ulysses > 1 and mesh.ring == 1 else 1
             t0 = time.perf_counter()
+            self.timing["route_seconds"] += t0 - entered
             out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call, args[0].device)
             seconds = time.perf_counter() - t0
         except Exception as e:

@@ -54,9 +54,19 @@ def build_groups(mesh, rank: int) -> Groups:
     return Groups(**mine)
 
 
+def _ray_gpu_index() -> int:
+    """This actor's GPU as a torch index. Ray leaves CUDA_VISIBLE_DEVICES as the raylet had it (every
+    GPU of the group visible, see group.py), so the id Ray assigned is looked up in that list."""
+    import ray
+
+    gpu = str(ray.get_gpu_ids()[0])
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible.index(gpu) if visible else int(gpu)
+
+
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
-                 sdpa: str, cuda_graphs: bool, model_cache: int):
+                 sdpa: str, exchange: str, cuda_graphs: bool, model_cache: int):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -69,6 +79,8 @@ class Worker:
 
         if not use_gpu:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        else:
+            torch.cuda.set_device(_ray_gpu_index())  # before ComfyUI picks its device: the current one
         import comfy.model_management as mm
 
         self.torch, self.mm = torch, mm
@@ -80,6 +92,7 @@ class Worker:
 
             self.graphs = CallGraphs()
         self.attention_request = attention
+        self.exchange_request = exchange
         self.usp_kernel = usp_kernel
         self.sdpa = sdpa
         self.attention = None
@@ -104,8 +117,15 @@ class Worker:
         self._store_socket = socket.create_server((host, 0))
         return host, self._store_socket.getsockname()[1]
 
+    def _on_device(self) -> None:
+        """The current CUDA device is per thread; Ray may run a method on another thread than __init__."""
+        if self.device.type == "cuda":
+            self.torch.cuda.set_device(self.device)
+
     def init_distributed(self, host: str, port: int, timeout_s: float) -> str:
         import torch.distributed as dist
+
+        self._on_device()
 
         if host.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -133,6 +153,7 @@ class Worker:
         from .channel import WorkerChannel
         from .plans.layout import LayoutError
 
+        self._on_device()
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
                                                lambda t: dist.broadcast(t, src=0), shared)
         handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe}
@@ -156,12 +177,14 @@ class Worker:
     # --- requests ---------------------------------------------------------------------------------
     def stats(self, reset) -> dict:
         out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
+               "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
                "calls": self.counters["calls"], "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "busy_seconds": self.busy,
-               "inbound_seconds": self.channel.inbound_seconds,
+               "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
-            self.counters["calls"], self.busy, self.channel.inbound_seconds = 0, 0.0, 0.0
+            self.counters["calls"], self.busy = 0, 0.0
+            self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
             if self.device.type == "cuda":
                 self.torch.cuda.reset_peak_memory_stats(self.device)
         return out
@@ -227,7 +250,12 @@ class Worker:
 
         if mesh not in self.meshes:
             groups = build_groups(mesh, self.rank)
-            self.meshes[mesh] = (groups, attention.factory(self.attention, mesh, groups, self.usp_kernel))
+            exchange = None
+            if mesh.sp > 1 and mesh.ring == 1:
+                exchange = attention.exchange.make(groups.sp, self.device, self.exchange_request)
+                self.counters[f"exchange {exchange.kind}"] += 1
+            make = attention.factory(self.attention, mesh, groups, self.usp_kernel, exchange)
+            self.meshes[mesh] = (groups, make, exchange)
         return self.meshes[mesh]
 
     def probe(self, body) -> float:
@@ -236,9 +264,9 @@ class Worker:
         from . import attention
         from .plans.layout import Shard
 
-        groups, _ = self._groups(mesh)
+        groups, _, exchange = self._groups(mesh)
         shard = Shard(self.rank, mesh.sp, (0, 1), (1, chunk), 0, chunk, chunk * mesh.sp)
-        override = attention.ulysses.make_override(groups.sp, mesh.sp, shard.total, chunks)
+        override = attention.ulysses.make_override(exchange, mesh.sp, shard.total, chunks)
         q = self.torch.randn(batch, heads, chunk, head_dim, device=self.device, dtype=dtype)
 
         def nothing(q_, k_, v_, h, *a, **k):
@@ -273,7 +301,7 @@ class Worker:
         patcher = self.loaded[key]
         model = patcher.model.diffusion_model
         plan = plans.by_family(family)
-        groups, make = self._groups(mesh)
+        groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
 
         def run(inputs):

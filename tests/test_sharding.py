@@ -31,7 +31,7 @@ def test_auto_layout():
         layout.choose_mesh(4, 1, 24, layout.Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
 
 
-def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype, tol):
+def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype, tol, exchange="collective"):
     import comfy.ldm.modules.attention as attn
 
     from comfy_xdit_patch import attention
@@ -45,8 +45,23 @@ def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype,
     me = layout.split(txt, img, world)[rank]
     rows = list(range(*me.txt)) + [txt + i for i in range(*me.img)]
     local = [layout.take(t[:, :, rows], (0, len(rows)), me.pad, dim=2).to(dtype) for t in (q, k, v)]
-    make = attention.factory(backend, mesh, build_groups(mesh, rank), kernel=kernel)
+    groups = build_groups(mesh, rank)
+    transport = attention.exchange.make(groups.sp, q.device, exchange) if mesh.ring == 1 else None
+    assert transport is None or transport.kind == exchange
+    make = attention.factory(backend, mesh, groups, kernel=kernel, exchange=transport)
     out = make(me, chunks)(attn.attention_pytorch, *local, heads, skip_reshape=True)
+    if device == "cuda":  # replayed as a CUDA graph, as the ranks run it: same result
+        static = [t.clone() for t in local]
+        override = make(me, chunks)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = override(attn.attention_pytorch, *static, heads, skip_reshape=True)
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, out), f"rank {rank}: graph replay differs"
+    del make
     assert out.shape == (1, me.chunk, heads * d)
     diff = (out[:, :len(rows)].float() - reference[:, rows]).abs().max().item()
     tol = tol if device == "cpu" else max(tol, 5e-3)  # GPU fp32 matmuls may use TF32
@@ -65,14 +80,26 @@ def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img
     ranks.run(_attention_case, world, backend, mesh, chunks, txt, img, kernel, torch.float32, 1e-5)
 
 
-@pytest.mark.skipif(ranks.gpus() < 4, reason="Ulysses x Ring runs on 4 GPUs (XDIT_TEST_DEVICE=cuda)")
+@pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("chunks,txt,img,dtype,tol", [
+    (1, 8, 16, torch.float32, 1e-5), (2, 8, 15, torch.float32, 1e-5),  # filler on the last rank
+    (3, 512, 4096, torch.bfloat16, 2e-2),
+])
+def test_ulysses_over_peer_copies_is_exact_on_cuda(chunks, txt, img, dtype, tol):
+    mesh = layout.Mesh(1, 2, 1)
+    ranks.run(_attention_case, 2, "torch", mesh, chunks, txt, img, "auto", dtype, tol, "peer-copy")
+
+
+@pytest.mark.skipif(ranks.gpus() < 2, reason="Ring runs on >= 2 GPUs (XDIT_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("kernel", ["torch_flash", "torch_efficient", "torch_cudnn"])
 def test_ring_attention_is_exact_on_cuda(kernel):
     """yunchang's ring merges blocks by log-sum-exp: only kernels with a true LSE may be used."""
-    ranks.run(_attention_case, 4, "yunchang", layout.Mesh(1, 2, 2), 1, 512, 4096, kernel, torch.bfloat16, 2e-2)
+    world = 4 if ranks.gpus() >= 4 else 2
+    mesh = layout.Mesh(1, 2, 2) if world == 4 else layout.Mesh(1, 1, 2)
+    ranks.run(_attention_case, world, "yunchang", mesh, 1, 512, 4096, kernel, torch.bfloat16, 2e-2)
 
 
-def _plan_case(rank, world, path, mesh, batch, refs, control):
+def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collective"):
     import comfy.sd
 
     from comfy_xdit_patch import attention, plans
@@ -98,8 +125,9 @@ def _plan_case(rank, world, path, mesh, batch, refs, control):
         reference = model(x, **kwargs, transformer_options={})
         plan = plans.plan_for(model)
         groups = build_groups(mesh, rank)
+        transport = attention.exchange.make(groups.sp, x.device, exchange) if mesh.sp > 1 else None
         out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
-                          attention.factory("torch", mesh, groups))
+                          attention.factory("torch", mesh, groups, exchange=transport))
     diff = (out - reference).abs().max().item()
     tol = 1e-4 if device == "cpu" else 5e-3  # GPU fp32 matmuls may use TF32
     assert out.shape == reference.shape and diff < tol, f"rank {rank}: {diff}"
@@ -120,4 +148,11 @@ def flux4(tmp_path_factory):
     (2, layout.Mesh(2, 1, 1), 3, False, False),  # batch of 3 shared unevenly by 2 groups
 ])
 def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control):
+    if ranks.DEVICE == "cuda" and ranks.gpus() < world:
+        pytest.skip(f"needs {world} GPUs")
     ranks.run(_plan_case, world, flux4, mesh, batch, refs, control)
+
+
+@pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
+def test_flux_plan_over_peer_copies_matches_whole_model(flux4):
+    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "peer-copy")

@@ -1,8 +1,9 @@
 """Sequence-parallel attention backends, chosen per worker and per call.
 
-- `torch`: Ulysses over torch.distributed all-to-all, pipelined by head pieces, with ComfyUI's own
-  attention function (SDPA, flash, sage: whatever ComfyUI was started with). Exact for any token
-  count (filler keys are dropped). Needs heads % ulysses == 0 and ring == 1. CPU (gloo) and GPU (NCCL).
+- `torch`: Ulysses, pipelined by head pieces, with ComfyUI's own attention function (SDPA, flash,
+  sage: whatever ComfyUI was started with), over an all-to-all from attention.exchange (gloo on CPU;
+  GPU peer copies or NCCL on GPU). Exact for any token count (filler keys are dropped). Needs
+  heads % ulysses == 0 and ring == 1.
 - `yunchang`: yunchang's USP (Ulysses x Ring), whose ring merges blocks by log-sum-exp. Needed when
   ring > 1 (CUDA); only for token counts that divide (a ring block can't drop filler keys).
 `auto` uses `torch` when ring == 1 and `yunchang` when ring > 1.
@@ -13,6 +14,7 @@ import logging
 from typing import Callable
 
 from ..plans.layout import LayoutError, Mesh, Shard
+from . import exchange as exchange_mod
 from . import ulysses
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,12 @@ def resolve(requested: str, device_type: str) -> str:
     return "torch+yunchang" if device_type == "cuda" and yunchang_available() else "torch"
 
 
-def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto") -> Callable[[Shard, int], Callable]:
-    """(shard, chunks) -> optimized_attention_override for one rank's piece of one call."""
+def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto", exchange=None) -> Callable[[Shard, int], Callable]:
+    """(shard, chunks) -> optimized_attention_override for one rank's piece of one call.
+
+    `exchange` carries the Ulysses all-to-alls (attention.exchange; default: torch.distributed's)."""
+    if exchange is None and mesh.sp > 1:
+        exchange = exchange_mod.Collective(groups.sp)
     usp_attn = None
     if backend == "yunchang" or (mesh.ring > 1 and "yunchang" in backend):
         from . import usp
@@ -50,6 +56,6 @@ def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto") -> Callable[
         if mesh.ring > 1:
             raise LayoutError(f"{shard.total} tokens don't divide over {mesh.sp} ranks: a ring can't drop filler"
                               if usp_attn is not None else "ring > 1 needs yunchang on CUDA")
-        return ulysses.make_override(groups.sp, mesh.sp, shard.total, chunks)
+        return ulysses.make_override(exchange, mesh.sp, shard.total, chunks)
 
     return make
