@@ -158,16 +158,29 @@ class Bench:
         mm.soft_empty_cache()
         return latents
 
-    def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str,
-               cfgs: list | None = None) -> None:
+    def config(self, workers: int, parallel: str, env: dict):
         from . import config as cfgmod
+
+        settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
+                    **env}
+        return cfgmod.load(settings, gpus=self.gpus)
+
+    def prestart(self, workers: int, env: dict):
+        """As ComfyUI's start does (COMFY_XDIT_PRESTART): the group starts while the weights are written
+        and ComfyUI alone is timed, before the plugin is attached."""
+        from .router import Router
+
+        router = Router(self.config(workers, "", env))
+        router.prestart()
+        return router
+
+    def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str,
+               cfgs: list | None = None, early=None) -> None:
         from . import patch
 
         torch = self.torch
 
-        settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
-                    **env}
-        router = patch.install(cfgmod.load(settings, gpus=self.gpus))
+        router = patch.install(self.config(workers, parallel, env), early)
         try:
             t0 = time.perf_counter()
             self.sample(patcher, self.sizes[0], self.cfgs[0], 1)
@@ -175,9 +188,11 @@ class Bench:
             group = router.group
             if group is None:
                 raise RuntimeError(f"the plugin did not route: {router.disabled or router.stats}")
-            start = {"group_start_s": group.start_seconds, "first_run_s": first,
+            start = {"group_start_s": group.start_seconds, "first_run_s": first, "prestarted": early is not None,
+                     "group_wait_s": max(0.0, group.ready_at - t0),
                      "load_s": max(s["load_seconds"] for s in group.stats())}
-            print(f"{label}: group ready in {start['group_start_s']:.1f} s, weights loaded in {start['load_s']:.1f} s "
+            print(f"{label}: group start took {start['group_start_s']:.1f} s, the first call waited "
+                  f"{start['group_wait_s']:.1f} s for it, weights loaded in {start['load_s']:.1f} s "
                   f"(ranks in parallel), first 1-step run {first:.1f} s", flush=True)
             cases = [(patcher, size, cfg, "") for size in self.sizes for cfg in (cfgs or self.cfgs[:1])]
             if self.a.lora and workers == 2 and not parallel and not env:
@@ -339,13 +354,15 @@ def main(argv=None) -> int:
     bench = Bench(a)
     import comfy.sd
 
+    ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
+    env = dict(x.split("=", 1) for x in a.env.split(";") if x)
+    early = bench.prestart(ranks[0], env) if env.get("COMFY_XDIT_PRESTART", "1") == "1" else None
     patcher = comfy.sd.load_diffusion_model(bench.model_path())
     latents = bench.baseline(patcher)
-    ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
     cfg_ranks = {int(r) for r in a.cfg_ranks.split(",") if r}
-    for n in ranks:
-        bench.plugin(patcher, n, "", dict(x.split("=", 1) for x in a.env.split(";") if x), latents, f"auto, {n} rank(s)",
-                     bench.cfgs if n in cfg_ranks else None)
+    for i, n in enumerate(ranks):
+        bench.plugin(patcher, n, "", env, latents, f"auto, {n} rank(s)", bench.cfgs if n in cfg_ranks else None,
+                     early if i == 0 else None)
     for layout in filter(None, a.layouts.split(";")):
         degrees = dict(kv.split("=") for kv in layout.split(","))
         n = math.prod(int(v) for v in degrees.values())

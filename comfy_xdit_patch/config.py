@@ -41,6 +41,7 @@ class Config:
     exchange: str
     cuda_graphs: bool
     model_cache: int
+    prestart: bool
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -155,6 +156,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool),
+    EnvVar("COMFY_XDIT_PRESTART", "1",
+           "`1`: the worker group starts in the background when ComfyUI starts, so the first FLUX run finds it "
+           "ready; `0`: on the first FLUX run.", _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
 )
@@ -202,6 +206,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         exchange=val.get("COMFY_XDIT_EXCHANGE", "auto"),
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
+        prestart=val.get("COMFY_XDIT_PRESTART", True),
         gpus=gpus,
     )
 

@@ -86,7 +86,7 @@ class WorkerGroup:
         self.pg = None
         self.channel: channel_mod.DriverChannel | None = None
         self.attention = None
-        self.start_seconds = None
+        self.start_seconds = self.ready_at = None
 
     def start(self) -> "WorkerGroup":
         t0 = time.perf_counter()
@@ -130,7 +130,8 @@ class WorkerGroup:
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
         self.channel.accept(left(), self.check_alive)
-        self.start_seconds = time.perf_counter() - t0
+        self.ready_at = time.perf_counter()
+        self.start_seconds = self.ready_at - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
                  "GPU" if self.use_gpu else "CPU", self.attention, self.start_seconds)
         return self

@@ -137,8 +137,25 @@ class Router:
         group.prepare(run.spec)
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
 
+    def prestart(self) -> threading.Thread:
+        """Start the worker group in the background (at ComfyUI's start), so that the first FLUX run
+        finds it ready instead of waiting for Ray and the ranks. A failure is logged; that run tries again."""
+
+        def run():
+            try:
+                self._group()
+            except Exception as e:
+                log.warning("comfy_xdit_patch: starting the worker group ahead failed (%s: %s); the first FLUX "
+                            "run will try again", type(e).__name__, e)
+
+        thread = threading.Thread(target=run, name="comfy-xdit-prestart", daemon=True)
+        thread.start()
+        return thread
+
     def _group(self):
+        t0 = time.perf_counter()
         with self._lock:
+            self.timing["group_wait_seconds"] += time.perf_counter() - t0
             if self.group is None:
                 from .group import WorkerGroup
 
@@ -241,7 +258,12 @@ class Router:
             self._on_disable()
 
     def close_group(self) -> None:
-        with self._lock:
+        # NOTE: a group still starting (prestart) holds the lock; at exit Ray's own shutdown ends it.
+        if not self._lock.acquire(timeout=5):
+            return
+        try:
             group, self.group = self.group, None
+        finally:
+            self._lock.release()
         if group is not None:
             group.shutdown()

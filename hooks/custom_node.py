@@ -39,4 +39,7 @@ def on_load():
         return None
     from comfy_xdit_patch import patch
 
-    return patch.install(config)
+    router = patch.install(config)
+    if config.prestart:
+        router.prestart()
+    return router

@@ -1,8 +1,9 @@
 """The all-to-all under Ulysses attention, behind one interface, two transports.
 
 `start(sends)` takes tensors shaped (world, ...) whose piece j goes to rank j of the group, and
-returns `wait()`, which gives tensors of the same shape whose piece j came from rank j (and makes
-the current stream wait for them). Every rank calls `start` the same times, with the same shapes.
+returns `wait()`, which gives, for each send, the list of pieces by source rank (piece j came from
+rank j; a rank's own piece is its own send's, not copied), and makes the current stream wait for
+them. Every rank calls `start` the same times, with the same shapes.
 
 - `Collective`: torch.distributed.all_to_all_single, async (gloo on CPU, NCCL on GPU).
 - `PeerCopy`: each rank writes its pieces straight into its peers' memory with the GPU's copy
@@ -44,7 +45,7 @@ class Collective:
         def wait():
             for _, work in pending:
                 work.wait()
-            return [recv for recv, _ in pending]
+            return [list(recv.unbind(0)) for recv, _ in pending]
 
         return wait
 
@@ -94,16 +95,18 @@ class PeerCopy:
                 if self.cursor > self.buf.numel():
                     raise RuntimeError("exchange larger than announced by begin()")
                 for p in range(self.world):  # my piece for p lands in p's slot for me
-                    dst = (self.buf.narrow(0, off + p * n, n) if p == self.rank
-                           else self.handle.get_buffer(p, (n,), send.dtype, off + self.rank * n))
-                    dst.copy_(send[p].reshape(-1))
-                recvs.append(self.buf.narrow(0, off, send.numel()).view(send.shape))
+                    if p != self.rank:
+                        self.handle.get_buffer(p, (n,), send.dtype, off + self.rank * n).copy_(send[p].reshape(-1))
+                mine = self.buf.narrow(0, off, send.numel()).view(send.shape)
+                recvs.append([send[p] if p == self.rank else mine[p] for p in range(self.world)])
             self.handle.barrier(channel=0)
             done = torch.cuda.Event()
             done.record(self.stream)
 
-        def wait():  # NOTE: `sends` stay referenced here until the caller's stream has waited
+        def wait():
+            nonlocal sends  # NOTE: the copy engines read `sends` until `done`: no reuse of their memory before
             main.wait_event(done)
+            sends = None
             return recvs
 
         return wait

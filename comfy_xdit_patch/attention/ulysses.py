@@ -12,6 +12,8 @@ Per-head results are the same for any `chunks`.
 """
 from __future__ import annotations
 
+import torch
+
 
 def make_override(exchange, world: int, total: int, chunks: int = 1):
     """optimized_attention_override for ComfyUI's attention calls inside one sharded model call.
@@ -35,11 +37,12 @@ def make_override(exchange, world: int, total: int, chunks: int = 1):
         result = q.new_empty(b, length, g, world, h, d)
         outgoing = []
         for wait in incoming:
-            full = [recv.permute(1, 2, 0, 3, 4).reshape(b, h, world * length, d) for recv in wait()]
+            full = [torch.cat(pieces, dim=2) for pieces in wait()]  # (B, h, world * L, D), rank by rank
             out = func(full[0], full[1][:, :, :total], full[2][:, :, :total], h, *args, skip_reshape=True, **kwargs)
             outgoing.append(exchange.start([out.reshape(b, world, length, h * d).transpose(0, 1).contiguous()]))
         for c, wait in enumerate(outgoing):
-            result[:, :, c] = wait()[0].reshape(world, b, length, h, d).permute(1, 2, 0, 3, 4)
+            for j, back in enumerate(wait()[0]):  # (B, L, h * D) from rank j: its heads of my tokens
+                result[:, :, c, j] = back.reshape(b, length, h, d)
         return result.reshape(b, length, heads * d)
 
     return override
