@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
+import threading
 import time
 
 from . import channel as channel_mod
@@ -34,7 +36,31 @@ def _worker_path() -> str:
 
 
 def _init_ray(config: Config, use_gpu: bool) -> None:
-    """Start or join Ray, once per process; disconnect at exit if this plugin connected."""
+    """Start or join Ray, once per process, on a thread of ours that lives as long as the process:
+    Ray's own processes (GCS, raylet) die with the THREAD that started them (Linux's parent-death
+    signal), and the caller may be a short-lived one (the prestart thread)."""
+    ray = sys.modules.get("ray")  # NOTE: not imported here; _start_ray sets its environment first
+    if ray is not None and ray.is_initialized():
+        return
+    done, error = threading.Event(), []
+
+    def keep():
+        try:
+            _start_ray(config, use_gpu)
+        except BaseException as e:  # handed to the caller
+            error.append(e)
+        done.set()
+        if not error:
+            threading.Event().wait()  # never returns: Ray's processes share this thread's fate
+
+    threading.Thread(target=keep, name="comfy-xdit-ray", daemon=True).start()
+    done.wait()
+    if error:
+        raise error[0]
+
+
+def _start_ray(config: Config, use_gpu: bool) -> None:
+    """Start or join Ray; disconnect at exit if this plugin connected."""
     private = not config.ray_address
     if private:
         # NOTE: Ray otherwise advertises, and binds its gRPC servers to, the machine's external address;

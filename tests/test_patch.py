@@ -81,3 +81,31 @@ def test_other_models_are_not_skipped_by_load_models_gpu(router, load_flux, tiny
     model = load_flux(tiny_flux)
     comfy.model_management.load_models_gpu([model])
     assert any(m.model is model.model for m in comfy.model_management.loaded_models())
+
+
+_PRESTART = """
+import sys, time
+import psutil
+from comfy_xdit_patch import config, locate
+locate.import_comfy(cpu=True)
+from comfy_xdit_patch import router
+r = router.Router(config.load({"COMFY_XDIT": "1"}, gpus=0))
+r.prestart().join()  # the thread that started Ray has ended
+time.sleep(2)
+ray_procs = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
+print("ray processes:", sorted((p.name(), p.status()) for p in ray_procs))
+assert len(ray_procs) == 2 and all(p.status() != psutil.STATUS_ZOMBIE for p in ray_procs)
+assert [s["rank"] for s in r.group.stats()] == [0, 1]
+r.close_group()
+"""
+
+
+def test_prestarted_group_outlives_the_thread_that_started_it():
+    """Ray's GCS and raylet die with the thread that starts them: the plugin starts Ray on its own thread."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _PRESTART], cwd=root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
