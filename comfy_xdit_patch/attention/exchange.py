@@ -112,8 +112,8 @@ class PeerCopy:
         return wait
 
 
-def make(group, device: torch.device, request: str = "auto"):
-    """The exchange for one sequence-parallel group. `request`: auto | collective | peer-copy.
+def make(group, device: torch.device, request: str = "collective"):
+    """The exchange for one sequence-parallel group. `request`: collective | peer-copy | auto.
 
     Collective: every rank of the group must call this with the same arguments, and they agree."""
     if request == "collective" or device.type != "cuda" or dist.get_world_size(group) == 1:
