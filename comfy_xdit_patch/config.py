@@ -186,6 +186,8 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
     if gpus and workers > (len(devices) if devices else gpus):
         raise ConfigError("COMFY_XDIT_WORKERS", raw.get("COMFY_XDIT_WORKERS", str(workers)),
                           f"at most {len(devices) if devices else gpus} (GPUs available)")
+    if val.get("COMFY_XDIT_EXCHANGE") == "peer-copy" and not gpus:
+        raise ConfigError("COMFY_XDIT_EXCHANGE", raw["COMFY_XDIT_EXCHANGE"], "`collective` or `auto` (peer copies need GPUs)")
     parallel = val.get("COMFY_XDIT_PARALLEL")
     if parallel is not None and parallel.world != workers:
         raise ConfigError("COMFY_XDIT_PARALLEL", raw["COMFY_XDIT_PARALLEL"],

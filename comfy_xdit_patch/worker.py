@@ -61,7 +61,7 @@ def _ray_gpu_index() -> int:
 
     gpu = str(ray.get_gpu_ids()[0])
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return visible.index(gpu) if visible else int(gpu)
+    return visible.index(gpu) if gpu in visible else int(gpu)  # else: Ray numbered the visible ones
 
 
 class Worker:

@@ -36,6 +36,8 @@ def test_explicit_values():
     ({"COMFY_XDIT_FALLBACK": "retry"}, "COMFY_XDIT_FALLBACK"),
     ({"COMFY_XDIT_TIMEOUT": "-1"}, "COMFY_XDIT_TIMEOUT"),
     ({"COMFY_XDIT_ATTENTION": "flash"}, "COMFY_XDIT_ATTENTION"),
+    ({"COMFY_XDIT_EXCHANGE": "nvshmem"}, "COMFY_XDIT_EXCHANGE"),
+    ({"COMFY_XDIT_PRESTART": "soon"}, "COMFY_XDIT_PRESTART"),
 ])
 def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
     with pytest.raises(cfg.ConfigError) as e:
@@ -47,3 +49,11 @@ def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
 def test_readme_lists_every_variable():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     assert cfg.markdown_table() in readme, "README's variable table is stale: python -m comfy_xdit_patch.cli env-table"
+
+
+def test_peer_copies_need_gpus():
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load({"COMFY_XDIT_EXCHANGE": "peer-copy"}, gpus=0)
+    assert e.value.var == "COMFY_XDIT_EXCHANGE"
+    assert cfg.load({"COMFY_XDIT_EXCHANGE": "peer-copy"}, gpus=2).exchange == "peer-copy"
+    assert cfg.load({}, gpus=2).exchange == "collective" and cfg.load({}, gpus=2).prestart

@@ -116,6 +116,8 @@ def make(group, device: torch.device, request: str = "collective"):
     """The exchange for one sequence-parallel group. `request`: collective | peer-copy | auto.
 
     Collective: every rank of the group must call this with the same arguments, and they agree."""
+    if request == "peer-copy" and device.type != "cuda":
+        raise RuntimeError("COMFY_XDIT_EXCHANGE=peer-copy needs CUDA ranks")
     if request == "collective" or device.type != "cuda" or dist.get_world_size(group) == 1:
         return Collective(group)
     ok, why = 1, ""
