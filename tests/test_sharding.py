@@ -106,7 +106,8 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
     from comfy_xdit_patch.worker import build_groups
 
     device = ranks.DEVICE
-    model = comfy.sd.load_diffusion_model(path).model.diffusion_model.to(device)
+    # NOTE: fp32 weights as the inputs: on a GPU ComfyUI would pick bf16 for FLUX
+    model = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32}).model.diffusion_model.to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 16, 10, 6, generator=g)  # 15 image tokens: odd with 8 text tokens
     kwargs = dict(timestep=torch.rand(batch, generator=g), context=torch.randn(batch, 8, 32, generator=g),
@@ -128,6 +129,10 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
         transport = attention.exchange.make(groups.sp, x.device, exchange) if mesh.sp > 1 else None
         out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
                           attention.factory("torch", mesh, groups, exchange=transport))
+        if exchange != "collective":  # the transport only moves bytes: NCCL's result, to the bit
+            again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
+                                attention.factory("torch", mesh, groups))
+            assert torch.equal(out, again), f"rank {rank}: {exchange} differs from the collective exchange"
     diff = (out - reference).abs().max().item()
     tol = 1e-4 if device == "cpu" else 5e-3  # GPU fp32 matmuls may use TF32
     assert out.shape == reference.shape and diff < tol, f"rank {rank}: {diff}"

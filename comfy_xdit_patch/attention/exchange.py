@@ -80,8 +80,13 @@ class PeerCopy:
             # NOTE: collective (host-blocking); every rank reaches it with the same sizes. Never during
             # a CUDA graph capture: a shape is always run eagerly before it is captured.
             buf = self._symm.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[key] = (buf, self._symm.rendezvous(buf, self.group.group_name))
-        self.buf, self.handle = self._buffers[key]
+            handle = self._symm.rendezvous(buf, self.group.group_name)
+            # NOTE: get_buffer's offsets count from the start of the peer's allocation, in elements
+            base, rest = divmod(getattr(handle, "offset", 0), buf.element_size())
+            if rest:
+                raise RuntimeError("symmetric buffer not aligned to its dtype")
+            self._buffers[key] = (buf, handle, base)
+        self.buf, self.handle, self.base = self._buffers[key]
         self.cursor = 0
 
     def start(self, sends: list) -> Wait:
@@ -90,13 +95,16 @@ class PeerCopy:
         recvs = []
         with torch.cuda.stream(self.stream):
             for send in sends:
+                if send.dtype != self.buf.dtype:
+                    raise RuntimeError("exchange dtype differs from the one announced by begin()")
                 n = send.numel() // self.world
                 off, self.cursor = self.cursor, self.cursor + send.numel()
                 if self.cursor > self.buf.numel():
                     raise RuntimeError("exchange larger than announced by begin()")
                 for p in range(self.world):  # my piece for p lands in p's slot for me
                     if p != self.rank:
-                        self.handle.get_buffer(p, (n,), send.dtype, off + self.rank * n).copy_(send[p].reshape(-1))
+                        peer = self.handle.get_buffer(p, (n,), send.dtype, self.base + off + self.rank * n)
+                        peer.copy_(send[p].reshape(-1))
                 mine = self.buf.narrow(0, off, send.numel()).view(send.shape)
                 recvs.append([send[p] if p == self.rank else mine[p] for p in range(self.world)])
             self.handle.barrier(channel=0)
