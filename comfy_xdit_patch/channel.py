@@ -297,18 +297,20 @@ class WorkerChannel:
         seq, op, skeleton, metas, desc = self._conn.recv()
         t0 = time.perf_counter()
         buf = None
-        if desc and desc[0] == "shm":
-            # One host: every rank copies the bytes from the driver's segment itself. The driver writes
-            # it again only after rank 0's reply, which no rank's work can precede: each rank's copy is
-            # queued before its first collective (every request but `call` is answered by every rank).
-            buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
-        elif desc:
-            if self.rank == 0:  # a copy of its own: the driver reuses its buffer for the next request
+        if desc:
+            # One host ("shm"): every rank copies the bytes from the driver's segment itself. The driver
+            # writes it again only after rank 0's reply, which no rank's work can precede: each rank's
+            # copy is queued before its first collective (every request but `call` is answered by every
+            # rank). Across hosts only rank 0 gets the bytes, and broadcasts them.
+            # A copy of its own either way: the driver reuses its buffer for the next request.
+            shared = desc[0] == "shm"
+            if shared or self.rank == 0:
                 buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
             else:
                 buf = torch.empty(desc[-1], dtype=torch.uint8, device=self.device)
-            # NOTE: collective; every rank got the same header, so every rank reaches it.
-            self._broadcast(buf)
+            if not shared:
+                # NOTE: collective; every rank got the same header, so every rank reaches it.
+                self._broadcast(buf)
         tensors = _unpack(buf, metas) if buf is not None else [None] * len(metas)
         for i, m in enumerate(metas):
             if m.offset < 0:

@@ -153,9 +153,7 @@ class Router:
         return thread
 
     def _group(self):
-        t0 = time.perf_counter()
         with self._lock:
-            self.timing["group_wait_seconds"] += time.perf_counter() - t0
             if self.group is None:
                 from .group import WorkerGroup
 
