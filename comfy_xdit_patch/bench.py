@@ -52,6 +52,7 @@ def _psnr(ref, out) -> float:
 class Bench:
     def __init__(self, a):
         self.a = a
+        self._lora = None  # see with_lora
         import torch
 
         self.torch = torch
@@ -103,13 +104,16 @@ class Bench:
         return out
 
     def with_lora(self, patcher):
+        """The model + a synthetic LoRA, built once (ComfyUI alone and the plugin runs share it)."""
         import comfy.sd
 
         from . import synthetic
 
-        sd = patcher.model.diffusion_model.state_dict()
-        lora = synthetic.lora({k: v for k, v in sd.items()}, rank=self.a.lora)
-        return comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+        if self._lora is None:
+            sd = patcher.model.diffusion_model.state_dict()
+            lora = synthetic.lora({k: v for k, v in sd.items()}, rank=self.a.lora)
+            self._lora = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+        return self._lora
 
     def sample(self, patcher, size, cfg, steps):
         import comfy.sample

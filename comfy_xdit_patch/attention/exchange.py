@@ -16,6 +16,7 @@ them. Every rank calls `start` the same times, with the same shapes.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Callable
 
 import torch
@@ -131,8 +132,6 @@ def make(group, device: torch.device, request: str = "collective"):
     ok, why = 1, ""
     try:
         hosts = [None] * dist.get_world_size(group)
-        import socket
-
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         if len(set(hosts)) != 1:
             raise RuntimeError("the group spans hosts")
