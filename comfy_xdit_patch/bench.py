@@ -39,6 +39,8 @@ def _args(argv):
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
     ap.add_argument("--profile", action="store_true", help="cProfile ComfyUI's process over the first timed run")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="torch.profiler tables of one step, ComfyUI alone and each rank, into OUT/profile")
     ap.add_argument("--no-baseline-cache", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -144,6 +146,12 @@ class Bench:
                 latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
                 peak = torch.cuda.max_memory_allocated() if self.gpus else 0
                 latents[(size, cfg)] = latent
+                if self.a.kernel_profile and self.gpus:
+                    from .profiling import profiled
+
+                    with profiled(self._profile_prefix(f"alone-{size}-cfg{cfg:g}", "main"), trace=True) as done:
+                        self.sample(patcher, size, cfg, 1)
+                        done()
                 row = {"size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "peak_gib": peak / 2**30}
                 self.results["baseline"].append(row)
                 print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
@@ -244,6 +252,9 @@ class Bench:
                             and bool(b.get("lora")) == bool(extra))
                 row["speedup"] = base["s_per_step"] / row["s_per_step"]
                 self.results["runs"].append(row)
+                if self.a.kernel_profile and self.gpus:
+                    group.profile(os.path.dirname(self._profile_prefix(f"{label}{extra}-{size}-cfg{cfg:g}", "x")))
+                    self.sample(model, size, cfg, 2)  # one call eager, one as usual
                 print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
                       f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
                       f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
@@ -271,6 +282,10 @@ class Bench:
               f"s/step -> on/off {ratio:.4f}", flush=True)
         return {"size": size, "cfg": cfg, "off_s_per_step": times["off"], "on_s_per_step": times["on"],
                 "on_over_off": ratio}
+
+    def _profile_prefix(self, case: str, name: str) -> str:
+        slug = "".join(c if c.isalnum() or c in "-." else "_" for c in case)
+        return os.path.abspath(os.path.join(self.a.out, "profile", slug, name))
 
     def _dump_profile(self, profiler, label, size) -> None:
         import io

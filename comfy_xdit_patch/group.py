@@ -207,6 +207,10 @@ class WorkerGroup:
                                all_reply=True)
         return max(replies.values())
 
+    def profile(self, directory: str) -> None:
+        """Every rank profiles its next two calls (eager, then as usual) into `directory` (bench only)."""
+        self.request("profile", directory, all_reply=True)
+
     def shutdown(self) -> None:
         """Idempotent; never raises."""
         try:

@@ -105,6 +105,7 @@ class Worker:
         self.meshes: dict = {}
         self.counters = collections.Counter()
         self.busy = 0.0  # seconds in model calls, device work included
+        self._profiles: list = []  # (directory, mode) for the next calls, see profile()
         self.load_seconds = 0.0
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
@@ -156,7 +157,8 @@ class Worker:
         self._on_device()
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
                                                lambda t: dist.broadcast(t, src=0), shared)
-        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe}
+        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe,
+                    "profile": self.profile}
         while True:
             try:
                 seq, op, body = channel.recv()
@@ -293,6 +295,19 @@ class Worker:
         sync()
         return (time.perf_counter() - t0) / reps
 
+    def profile(self, directory: str) -> str:
+        """Profile the next two calls with torch.profiler (one eager, one as usual), tables into `directory`."""
+        self._profiles = [(directory, "eager"), (directory, "graph")]
+        return "armed"
+
+    def _profiled(self, fn, directory: str, mode: str):
+        from .profiling import profiled
+
+        with profiled(os.path.join(directory, f"rank{self.rank}-{mode}"), trace=self.rank == 0) as done:
+            out = fn()
+            done()
+        return out
+
     def call(self, body) -> object:
         from . import plans
 
@@ -308,10 +323,16 @@ class Worker:
             with self._kernel_preference():
                 return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention)
 
-        if self.graphs is not None:
-            out = self.graphs.run((key, mesh, chunks), run, (args, kwargs))
+        def go(eager=False):
+            if self.graphs is not None and not eager:
+                return self.graphs.run((key, mesh, chunks), run, (args, kwargs))
+            return run((args, kwargs))
+
+        if self._profiles:
+            directory, mode = self._profiles.pop(0)
+            out = self._profiled(functools.partial(go, mode == "eager"), directory, mode)
         else:
-            out = run((args, kwargs))
+            out = go()
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
         self.counters["calls"] += 1
