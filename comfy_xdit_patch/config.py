@@ -149,10 +149,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-4 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
-    EnvVar("COMFY_XDIT_EXCHANGE", "collective",
-           "Transport of the Ulysses all-to-alls: `collective` (NCCL / gloo); `peer-copy` (experimental: "
-           "copy-engine writes into the peers' GPU memory, one host; faster, see README); `auto` (peer copies "
-           "where the ranks can map each other's memory, else collective).",
+    EnvVar("COMFY_XDIT_EXCHANGE", "auto",
+           "Transport of the Ulysses all-to-alls: `auto` (peer copies where the ranks of a group share a host "
+           "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
+           "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all).",
            _choice("collective", "peer-copy", "auto")),
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
@@ -206,7 +206,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
         sdpa=val.get("COMFY_XDIT_SDPA", "comfyui"),
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
-        exchange=val.get("COMFY_XDIT_EXCHANGE", "collective"),
+        exchange=val.get("COMFY_XDIT_EXCHANGE", "auto"),
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         prestart=val.get("COMFY_XDIT_PRESTART", True),

@@ -56,4 +56,4 @@ def test_peer_copies_need_gpus():
         cfg.load({"COMFY_XDIT_EXCHANGE": "peer-copy"}, gpus=0)
     assert e.value.var == "COMFY_XDIT_EXCHANGE"
     assert cfg.load({"COMFY_XDIT_EXCHANGE": "peer-copy"}, gpus=2).exchange == "peer-copy"
-    assert cfg.load({}, gpus=2).exchange == "collective" and cfg.load({}, gpus=2).prestart
+    assert cfg.load({}, gpus=2).exchange == "auto" and cfg.load({}, gpus=2).prestart
