@@ -33,7 +33,9 @@ def _args(argv):
     ap.add_argument("--cfg-ranks", default="", help="rank counts that run every --cfg value (others: the first)")
     ap.add_argument("--lora", type=int, default=0, help="also time a synthetic LoRA of this rank at 2 ranks")
     ap.add_argument("--env", default="", help="extra COMFY_XDIT_* settings for the plugin runs, ';'-separated")
-    ap.add_argument("--variants", default="", help="'|'-separated extra --env sets run at 2 ranks (e.g. sdpa)")
+    ap.add_argument("--variants", default="",
+                    help="'|'-separated extra --env sets, run at 2 ranks or at N with an 'N:' prefix "
+                         "(e.g. '4:COMFY_XDIT_EXCHANGE=collective')")
     ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
     ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
     ap.add_argument("--out", default="bench_out")
@@ -273,12 +275,12 @@ class Bench:
 
         size, cfg = self.sizes[0], self.cfgs[0]
         times = {"off": [], "on": []}
-        for _ in range(3):
+        for _ in range(5):
             for tag, model in (("off", off), ("on", on)):
                 self.sample(model, size, cfg, 3)  # the ranks re-sync their weights and re-capture
                 times[tag].append(self.sample(model, size, cfg, self.a.steps)[1] / self.a.steps)
         ratio = statistics.median(times["on"]) / statistics.median(times["off"])
-        print(f"LoRA r{self.a.lora} on vs off, 2 ranks {size}², interleaved x3: off {times['off']}, on {times['on']} "
+        print(f"LoRA r{self.a.lora} on vs off, 2 ranks {size}², interleaved x5: off {times['off']}, on {times['on']} "
               f"s/step -> on/off {ratio:.4f}", flush=True)
         return {"size": size, "cfg": cfg, "off_s_per_step": times["off"], "on_s_per_step": times["on"],
                 "on_over_off": ratio}
@@ -387,8 +389,10 @@ def main(argv=None) -> int:
         n = math.prod(int(v) for v in degrees.values())
         bench.plugin(patcher, n, layout, dict(x.split("=", 1) for x in a.env.split(";") if x), latents, layout)
     for variant in filter(None, a.variants.split("|")):
+        n, _, variant = variant.rpartition(":")
+        n = int(n or 2)
         env = dict(x.split("=", 1) for x in variant.split(";") if x)
-        bench.plugin(patcher, 2, "", env, latents, "2 ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in env.items()))
+        bench.plugin(patcher, n, "", env, latents, f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in env.items()))
     print(bench.table())
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(bench.table() + "\n")

@@ -68,17 +68,6 @@ def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype,
     assert diff < tol, f"rank {rank}: {diff}"
 
 
-def test_rows_describes_strided_destinations_exactly():
-    from comfy_xdit_patch.attention.copies import rows
-
-    base = torch.arange(2 * 3 * 4 * 5.0).view(2, 3, 4, 5)
-    assert rows(base.transpose(2, 3)[:, 0]) is None  # not equally spaced rows: torch copies it
-    for v in (base, base[:, 1], base[:, :, 2], base[:, :, :2], base[1:, :, :, 1:3], base[:, :, :, 1]):
-        count, width, pitch = rows(v)
-        flat = base.view(-1).as_strided((count, width), (pitch, 1), v.storage_offset())
-        assert torch.equal(flat.reshape(-1), v.reshape(-1)), v.stride()
-
-
 U2 = layout.Mesh(1, 2, 1)
 
 

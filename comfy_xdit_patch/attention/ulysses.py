@@ -6,9 +6,7 @@ of the output brings each token's result back to its rank.
 
 Heads are dealt out piece-major: head (c * world + j) * h + i goes to rank j in piece c. For a batch
 of one, every piece of q/k/v is then already laid out rank by rank, so nothing is copied before
-sending. Each piece lands where it is used (exchange slots): q/k/v as (B, h, world, L, D), i.e.
-every rank's tokens of each head in rank order, which attention reads as it is; the output as this
-rank's tokens of the source rank's heads in the result. With `chunks` > 1 the pieces are exchanged
+sending, and the output goes back in one strided copy. With `chunks` > 1 the pieces are exchanged
 asynchronously: piece c's attention runs while piece c+1 arrives and piece c-1's output leaves.
 Per-head results are the same for any `chunks`.
 """
@@ -34,31 +32,17 @@ def make_override(exchange, world: int, total: int, chunks: int = 1):
         def piece(t, c):  # (B, H, L, D) -> (world, B, h, L, D) for piece c; a view when B == 1
             return t.reshape(b, g, world, h, length, d)[:, c].transpose(0, 1).contiguous()
 
-        def by_rank(place, src):  # (B, h, world, L, D): the source rank's tokens of every head
-            return place[:, :, src]
-
-        exchange.begin(4 * q.numel(), q)  # q, k, v in; the output back
-        incoming = []
-        for c in range(g):
-            places = [exchange.alloc((b, h, world, length, d)) for _ in range(3)]
-            incoming.append((places, exchange.start([piece(q, c), piece(k, c), piece(v, c)],
-                                                    [(p, by_rank) for p in places])))
-        result = exchange.alloc((b, length, g, world, h * d))
+        exchange.begin(4 * q.numel(), q.dtype)  # q, k, v in; the output back
+        incoming = [exchange.start([piece(q, c), piece(k, c), piece(v, c)]) for c in range(g)]
+        result = q.new_empty(b, length, g, world, h, d)
         outgoing = []
-        for c, (places, wait) in enumerate(incoming):
-            wait()
-            full = [p.view(b, h, world * length, d) for p in places]  # every rank's tokens, in rank order
+        for wait in incoming:
+            full = [torch.cat(pieces, dim=2) for pieces in wait()]  # (B, h, world * L, D), rank by rank
             out = func(full[0], full[1][:, :, :total], full[2][:, :, :total], h, *args, skip_reshape=True, **kwargs)
-            send = out.reshape(b, world, length, h * d).transpose(0, 1).contiguous()  # a view when B == 1
-
-            def by_head(place, src, c=c):  # (B, L, g, world, h * D): the source rank's heads of piece c
-                return place[:, :, c, src]
-
-            outgoing.append(exchange.start([send], [(result, by_head)]))
-        for wait in outgoing:
-            wait()
-        # NOTE: with peer copies `result` lives in the exchange buffer until this rank's next attention
-        # call; the model uses it before then (FLUX: the next op).
-        return result.view(b, length, heads * d)
+            outgoing.append(exchange.start([out.reshape(b, world, length, h * d).transpose(0, 1).contiguous()]))
+        for c, wait in enumerate(outgoing):
+            for j, back in enumerate(wait()[0]):  # (B, L, h * D) from rank j: its heads of my tokens
+                result[:, :, c, j] = back.reshape(b, length, h, d)
+        return result.reshape(b, length, heads * d)
 
     return override
