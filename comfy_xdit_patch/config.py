@@ -141,8 +141,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Sequence-parallel attention: `auto`, `torch` (all-to-all + ComfyUI's attention), "
            "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "yunchang")),
     EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
-           "yunchang kernel: `auto` (torch_flash on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
-           "`fa` (flash-attn), `fa3`.", _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
+           "yunchang kernel: `auto` (torch_cudnn on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
+           "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.", _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
     EnvVar("COMFY_XDIT_SDPA", "comfyui",
            "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
            "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient")),

@@ -309,6 +309,7 @@ class Worker:
         return out
 
     def call(self, body) -> object:
+        from . import attention as attention_mod
         from . import plans
 
         t0 = time.perf_counter()
@@ -323,14 +324,18 @@ class Worker:
             with self._kernel_preference():
                 return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention)
 
-        def go(eager=False):
+        # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
+        # (4x H100); other kernels run the ring eagerly.
+        eager_only = mesh.ring > 1 and self.usp_kernel not in attention_mod.RING_REPLAY_SAFE
+
+        def go(eager=eager_only):
             if self.graphs is not None and not eager:
                 return self.graphs.run((key, mesh, chunks), run, (args, kwargs))
             return run((args, kwargs))
 
         if self._profiles:
             directory, mode = self._profiles.pop(0)
-            out = self._profiled(functools.partial(go, mode == "eager"), directory, mode)
+            out = self._profiled(functools.partial(go, mode == "eager" or eager_only), directory, mode)
         else:
             out = go()
         if self.device.type == "cuda":

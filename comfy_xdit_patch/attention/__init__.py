@@ -19,6 +19,10 @@ from . import ulysses
 
 log = logging.getLogger(__name__)
 
+# COMFY_XDIT_USP_KERNEL values whose ring gave the same result replayed from a CUDA graph as eagerly
+# (tests/test_sharding.py::test_ring_attention_is_exact_on_cuda, 4x H100); `auto` is cuDNN on CUDA.
+RING_REPLAY_SAFE = ("auto", "torch_cudnn")
+
 
 def yunchang_available() -> bool:
     try:

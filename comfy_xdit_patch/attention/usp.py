@@ -13,7 +13,9 @@ from yunchang.globals import PROCESS_GROUP
 from yunchang.kernels import AttnType
 
 # Kernel used inside the ring / after the all-to-all, by device (COMFY_XDIT_USP_KERNEL overrides).
-_KERNELS = {"cuda": AttnType.TORCH_FLASH, "cpu": AttnType.TORCH_MATH}
+# cuDNN on CUDA: with it the ring is exact and replays from a CUDA graph as it ran eagerly (4x H100);
+# torch_flash and torch_efficient replayed differently.
+_KERNELS = {"cuda": AttnType.TORCH_CUDNN, "cpu": AttnType.TORCH_MATH}
 
 
 class USPAttention:
