@@ -142,12 +142,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "yunchang")),
     EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
            "yunchang kernel: `auto` (torch_cudnn on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
-           "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.", _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
+           "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.",
+           _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
     EnvVar("COMFY_XDIT_SDPA", "comfyui",
            "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
            "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient")),
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
-           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-4 on the first "
+           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
     EnvVar("COMFY_XDIT_EXCHANGE", "auto",
            "Transport of the Ulysses all-to-alls: `auto` (peer copies where the ranks of a group share a host "
