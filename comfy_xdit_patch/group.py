@@ -231,6 +231,7 @@ class WorkerGroup:
                 from ray.util.placement_group import remove_placement_group
 
                 remove_placement_group(self.pg)
-            except Exception:
-                pass
+            except Exception as e:  # its GPUs stay reserved: a later group may not be placed
+                log.warning("comfy_xdit_patch: could not release the group's Ray placement (%s: %s)",
+                            type(e).__name__, e)
             self.pg = None
