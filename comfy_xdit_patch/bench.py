@@ -115,7 +115,7 @@ class Bench:
 
         if self._lora is None:
             sd = patcher.model.diffusion_model.state_dict()
-            lora = synthetic.lora({k: v for k, v in sd.items()}, rank=self.a.lora)
+            lora = synthetic.lora(sd, rank=self.a.lora)
             self._lora = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
         return self._lora
 
@@ -151,9 +151,8 @@ class Bench:
                 if self.a.kernel_profile and self.gpus:
                     from .profiling import profiled
 
-                    with profiled(self._profile_prefix(f"alone-{size}-cfg{cfg:g}", "main"), trace=True) as done:
+                    with profiled(self._profile_prefix(f"alone-{size}-cfg{cfg:g}", "main"), trace=True):
                         self.sample(patcher, size, cfg, 1)
-                        done()
                 row = {"size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "peak_gib": peak / 2**30}
                 self.results["baseline"].append(row)
                 print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
@@ -369,6 +368,11 @@ def _plot(results: dict, path: str) -> None:
     img.save(path)
 
 
+def _settings(text: str) -> dict:
+    """'NAME=value;NAME=value' -> {NAME: value}"""
+    return dict(x.split("=", 1) for x in text.split(";") if x)
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     locate.import_comfy(cpu=True if a.tiny else None)
@@ -376,7 +380,7 @@ def main(argv=None) -> int:
     import comfy.sd
 
     ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
-    env = dict(x.split("=", 1) for x in a.env.split(";") if x)
+    env = _settings(a.env)
     early = bench.prestart(ranks[0], env) if env.get("COMFY_XDIT_PRESTART", "1") == "1" else None
     patcher = comfy.sd.load_diffusion_model(bench.model_path())
     latents = bench.baseline(patcher)
@@ -387,12 +391,13 @@ def main(argv=None) -> int:
     for layout in filter(None, a.layouts.split(";")):
         degrees = dict(kv.split("=") for kv in layout.split(","))
         n = math.prod(int(v) for v in degrees.values())
-        bench.plugin(patcher, n, layout, dict(x.split("=", 1) for x in a.env.split(";") if x), latents, layout)
+        bench.plugin(patcher, n, layout, env, latents, layout)
     for variant in filter(None, a.variants.split("|")):
         n, _, variant = variant.rpartition(":")
         n = int(n or 2)
-        env = dict(x.split("=", 1) for x in variant.split(";") if x)
-        bench.plugin(patcher, n, "", env, latents, f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in env.items()))
+        extra = _settings(variant)
+        bench.plugin(patcher, n, "", extra, latents,
+                     f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in extra.items()))
     print(bench.table())
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(bench.table() + "\n")

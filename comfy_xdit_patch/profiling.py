@@ -41,7 +41,7 @@ def summary(events) -> dict:
 
 @contextlib.contextmanager
 def profiled(prefix: str, trace: bool = False):
-    """Profile the block; call the yielded `done()` once its GPU work is queued (it synchronizes)."""
+    """Profile the block, its GPU work included (the device is synchronized before the profile ends)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -49,7 +49,8 @@ def profiled(prefix: str, trace: bool = False):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        yield torch.cuda.synchronize
+        yield
+        torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
     kinds = summary(events)

@@ -300,14 +300,6 @@ class Worker:
         self._profiles = [(directory, "eager"), (directory, "graph")]
         return "armed"
 
-    def _profiled(self, fn, directory: str, mode: str):
-        from .profiling import profiled
-
-        with profiled(os.path.join(directory, f"rank{self.rank}-{mode}"), trace=self.rank == 0) as done:
-            out = fn()
-            done()
-        return out
-
     def call(self, body) -> object:
         from . import attention as attention_mod
         from . import plans
@@ -328,16 +320,19 @@ class Worker:
         # (4x H100); other kernels run the ring eagerly.
         eager_only = mesh.ring > 1 and self.usp_kernel not in attention_mod.RING_REPLAY_SAFE
 
-        def go(eager=eager_only):
+        def go(eager: bool):
             if self.graphs is not None and not eager:
                 return self.graphs.run((key, mesh, chunks), run, (args, kwargs))
             return run((args, kwargs))
 
         if self._profiles:
+            from .profiling import profiled
+
             directory, mode = self._profiles.pop(0)
-            out = self._profiled(functools.partial(go, mode == "eager" or eager_only), directory, mode)
+            with profiled(os.path.join(directory, f"rank{self.rank}-{mode}"), trace=self.rank == 0):
+                out = go(eager_only or mode == "eager")
         else:
-            out = go()
+            out = go(eager_only)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
         self.counters["calls"] += 1
