@@ -138,8 +138,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
     EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
     EnvVar("COMFY_XDIT_ATTENTION", "auto",
-           "Sequence-parallel attention: `auto`, `torch` (all-to-all + ComfyUI's attention), "
-           "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "yunchang")),
+           "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
+           "`gather` (each rank gathers all keys/values for its own queries + ComfyUI's attention), "
+           "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "gather", "yunchang")),
     EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
            "yunchang kernel: `auto` (torch_cudnn on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
            "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.",

@@ -200,7 +200,8 @@ class Router:
             mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
                                             "yunchang" in self.group.attention)
             shape = (tuple(args[0].shape), mesh)
-            chunks = self.tuner.choose(shape, heads // mesh.ulysses) if mesh.ulysses > 1 and mesh.ring == 1 else 1
+            local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
+            chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1
             t0 = time.perf_counter()
             self.timing["route_seconds"] += t0 - entered
             out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call, args[0].device)

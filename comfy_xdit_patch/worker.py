@@ -263,12 +263,11 @@ class Worker:
     def probe(self, body) -> float:
         """Seconds per step of the sequence-parallel exchanges alone (attention replaced by nothing)."""
         mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype = body
-        from . import attention
         from .plans.layout import Shard
 
-        groups, _, exchange = self._groups(mesh)
+        _, make, _ = self._groups(mesh)
         shard = Shard(self.rank, mesh.sp, (0, 1), (1, chunk), 0, chunk, chunk * mesh.sp)
-        override = attention.ulysses.make_override(exchange, mesh.sp, shard.total, chunks)
+        override = make(shard, chunks)
         q = self.torch.randn(batch, heads, chunk, head_dim, device=self.device, dtype=dtype)
 
         def nothing(q_, k_, v_, h, *a, **k):

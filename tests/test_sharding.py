@@ -75,19 +75,22 @@ U2 = layout.Mesh(1, 2, 1)
     ("torch", 2, U2, 1, 8, 16, "auto"), ("torch", 2, U2, 2, 8, 15, "auto"),  # filler on the last rank
     ("torch", 2, U2, 1, 7, 30, "auto"),
     ("yunchang", 2, U2, 1, 8, 16, "torch_math"),  # yunchang's Ulysses (ring 1), torch math kernel
+    ("gather", 2, U2, 1, 8, 16, "auto"), ("gather", 2, U2, 2, 8, 15, "auto"),
+    ("gather", 3, layout.Mesh(1, 3, 1), 2, 7, 30, "auto"),  # 4 heads over 3 ranks: no heads % ranks needed
 ])
 def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img, kernel):
     ranks.run(_attention_case, world, backend, mesh, chunks, txt, img, kernel, torch.float32, 1e-5)
 
 
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("backend", ["torch", "gather"])
 @pytest.mark.parametrize("chunks,txt,img,dtype,tol", [
     (1, 8, 16, torch.float32, 1e-5), (2, 8, 15, torch.float32, 1e-5),  # filler on the last rank
     (3, 512, 4096, torch.bfloat16, 2e-2),
 ])
-def test_ulysses_over_peer_copies_is_exact_on_cuda(chunks, txt, img, dtype, tol):
+def test_attention_over_peer_copies_is_exact_on_cuda(backend, chunks, txt, img, dtype, tol):
     mesh = layout.Mesh(1, 2, 1)
-    ranks.run(_attention_case, 2, "torch", mesh, chunks, txt, img, "auto", dtype, tol, "peer-copy")
+    ranks.run(_attention_case, 2, backend, mesh, chunks, txt, img, "auto", dtype, tol, "peer-copy")
 
 
 _REPLAYS_DIFFER = pytest.mark.xfail(reason="4x H100, 2026-11-26: graph replay differs from the eager run; "
@@ -104,7 +107,7 @@ def test_ring_attention_is_exact_on_cuda(kernel):
     ranks.run(_attention_case, world, "yunchang", mesh, 1, 512, 4096, kernel, torch.bfloat16, 2e-2)
 
 
-def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collective"):
+def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collective", backend="torch"):
     import comfy.sd
 
     from comfy_xdit_patch import attention, plans
@@ -133,10 +136,10 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
         groups = build_groups(mesh, rank)
         transport = attention.exchange.make(groups.sp, x.device, exchange) if mesh.sp > 1 else None
         out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
-                          attention.factory("torch", mesh, groups, exchange=transport))
+                          attention.factory(backend, mesh, groups, exchange=transport))
         if exchange != "collective":  # the transport only moves bytes: NCCL's result, to the bit
             again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
-                                attention.factory("torch", mesh, groups))
+                                attention.factory(backend, mesh, groups))
             assert torch.equal(out, again), f"rank {rank}: {exchange} differs from the collective exchange"
     diff = (out - reference).abs().max().item()
     tol = 1e-4 if device == "cpu" else 5e-3  # GPU fp32 matmuls may use TF32
@@ -151,18 +154,20 @@ def flux4(tmp_path_factory):
                           os.path.join(tmp_path_factory.mktemp("m"), "flux4.safetensors"))
 
 
-@pytest.mark.parametrize("world,mesh,batch,refs,control", [
-    (2, layout.Mesh(1, 2, 1), 1, True, True),   # Kontext reference tokens + ControlNet residuals
-    (4, layout.Mesh(1, 4, 1), 1, False, False),
-    (4, layout.Mesh(2, 2, 1), 2, True, True),   # cfg 2 x ulysses 2: cond and uncond on two rank pairs
-    (2, layout.Mesh(2, 1, 1), 3, False, False),  # batch of 3 shared unevenly by 2 groups
+@pytest.mark.parametrize("world,mesh,batch,refs,control,backend", [
+    (2, layout.Mesh(1, 2, 1), 1, True, True, "torch"),   # Kontext reference tokens + ControlNet residuals
+    (2, layout.Mesh(1, 2, 1), 1, True, True, "gather"),
+    (4, layout.Mesh(1, 4, 1), 1, False, False, "torch"),
+    (4, layout.Mesh(2, 2, 1), 2, True, True, "torch"),   # cfg 2 x ulysses 2: cond and uncond on two rank pairs
+    (2, layout.Mesh(2, 1, 1), 3, False, False, "torch"),  # batch of 3 shared unevenly by 2 groups
 ])
-def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control):
+def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control, backend):
     if ranks.DEVICE == "cuda" and ranks.gpus() < world:
         pytest.skip(f"needs {world} GPUs")
-    ranks.run(_plan_case, world, flux4, mesh, batch, refs, control)
+    ranks.run(_plan_case, world, flux4, mesh, batch, refs, control, "collective", backend)
 
 
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
-def test_flux_plan_over_peer_copies_matches_whole_model(flux4):
-    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "peer-copy")
+@pytest.mark.parametrize("backend", ["torch", "gather"])
+def test_flux_plan_over_peer_copies_matches_whole_model(flux4, backend):
+    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "peer-copy", backend)

@@ -4,7 +4,9 @@ attention.exchange.PeerCopy does. 228 exchanges a step (q, k, v, out x 57 FLUX b
 sizes of 1024² and 2048² on 2 ranks; eager, inside a CUDA graph, and beside a matmul load on another
 stream. One fresh process pair per variant. Writes JSON lines to $OUT/a2a.jsonl (default /tmp).
 
-    python tools/exchange_bench.py [variant ...]     # on a machine with 2 GPUs
+    python tools/exchange_bench.py [variant ...]     # on a machine with 2 GPUs; variants: nccl, nccl_min32,
+        nccl_min32_chunk1M, nccl_simple, symm (one copy), symm2 / symm4 (the copy cut over 2 / 4 streams),
+        symm_sm (the copy as a kernel's stores)
 """
 import json
 import os
@@ -61,10 +63,25 @@ def child(rank, variant, env, port, onevis, q):
                 remote = [hdl.get_buffer(peer, (n,), torch.bfloat16, (b * 2 + rank) * n) for b in range(2)]
                 local = [buf[(b * 2 + peer) * n:(b * 2 + peer + 1) * n] for b in range(2)]
                 state = [0]
+                # symmN: each copy cut into N slices on N streams (more copy engines at once?);
+                # symm_sm: the copy is an elementwise kernel storing into the peer's memory (SMs, not copy engines)
+                split = int(variant[4:]) if variant[4:].isdigit() else 1
+                streams = [torch.cuda.Stream() for _ in range(split)]
 
                 def one():
                     b = state[0] = state[0] ^ 1
-                    remote[b].copy_(send[peer])
+                    if variant == "symm_sm":
+                        torch.mul(send[peer], 1, out=remote[b])
+                    elif split == 1:
+                        remote[b].copy_(send[peer])
+                    else:
+                        main = torch.cuda.current_stream()
+                        for i, (dst, src) in enumerate(zip(remote[b].chunk(split), send[peer].chunk(split))):
+                            streams[i].wait_stream(main)
+                            with torch.cuda.stream(streams[i]):
+                                dst.copy_(src)
+                        for st in streams:
+                            main.wait_stream(st)
                     hdl.barrier(channel=b)
                     return local[b]
             else:
@@ -131,6 +148,9 @@ def main():
         ("nccl_simple", {"NCCL_PROTO": "Simple"}, True),
         ("symm", {}, True),
         ("symm", {}, False),
+        ("symm2", {}, False),
+        ("symm4", {}, False),
+        ("symm_sm", {}, False),
     ]
     if len(sys.argv) > 1:
         variants = [v for v in variants if v[0] in sys.argv[1:]]

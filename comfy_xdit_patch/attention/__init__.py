@@ -4,6 +4,8 @@
   sage: whatever ComfyUI was started with), over an all-to-all from attention.exchange (gloo on CPU;
   GPU peer copies or NCCL on GPU). Exact for any token count (filler keys are dropped). Needs
   heads % ulysses == 0 and ring == 1.
+- `gather`: each rank keeps its queries and gathers all keys and values (attention.gather) over the
+  same exchange, with ComfyUI's own attention function. Any head count; ring == 1.
 - `yunchang`: yunchang's USP (Ulysses x Ring), whose ring merges blocks by log-sum-exp. Needed when
   ring > 1 (CUDA); only for token counts that divide (a ring block can't drop filler keys).
 `auto` uses `torch` when ring == 1 and `yunchang` when ring > 1.
@@ -15,7 +17,7 @@ from typing import Callable
 
 from ..plans.layout import LayoutError, Mesh, Shard
 from . import exchange as exchange_mod
-from . import ulysses
+from . import gather, ulysses
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,9 @@ def yunchang_available() -> bool:
 
 
 def resolve(requested: str, device_type: str) -> str:
-    """What this worker can do: 'torch', 'torch+yunchang' (auto, ring possible) or 'yunchang' (forced)."""
-    if requested == "torch":
-        return "torch"
-    if requested == "yunchang":
-        return "yunchang"
+    """What this worker can do: 'torch', 'torch+yunchang' (auto, ring possible), 'gather' or 'yunchang'."""
+    if requested in ("torch", "gather", "yunchang"):
+        return requested
     return "torch+yunchang" if device_type == "cuda" and yunchang_available() else "torch"
 
 
@@ -60,6 +60,8 @@ def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto", exchange=Non
         if mesh.ring > 1:
             raise LayoutError(f"{shard.total} tokens don't divide over {mesh.sp} ranks: a ring can't drop filler"
                               if usp_attn is not None else "ring > 1 needs yunchang on CUDA")
+        if backend == "gather":
+            return gather.make_override(exchange, mesh.sp, shard.total, chunks)
         return ulysses.make_override(exchange, mesh.sp, shard.total, chunks)
 
     return make

@@ -39,6 +39,7 @@ class Collective:
     def start(self, sends: list) -> Wait:
         pending = []
         for send in sends:
+            send = send.contiguous()  # e.g. one piece expanded to every peer (attention.gather)
             recv = torch.empty_like(send)
             # NOTE: collective over the group; equal splits along dim 0, the same order on every rank.
             pending.append((recv, dist.all_to_all_single(recv, send, group=self.group, async_op=True)))
