@@ -154,8 +154,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_EXCHANGE", "auto",
            "Transport of the Ulysses all-to-alls: `auto` (peer copies where the ranks of a group share a host "
            "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
-           "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all).",
-           _choice("collective", "peer-copy", "auto")),
+           "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all); "
+           "`loopback`: diagnostics only, nothing crosses and images are wrong (times compute without exchange).",
+           _choice("collective", "peer-copy", "auto", "loopback")),
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool),

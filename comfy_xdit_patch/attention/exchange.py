@@ -1,4 +1,4 @@
-"""The all-to-all under Ulysses attention, behind one interface, two transports.
+"""The all-to-all under Ulysses attention, behind one interface, two transports (and a diagnostic).
 
 `start(sends)` takes tensors shaped (world, ...) whose piece j goes to rank j of the group, and
 returns `wait()`, which gives, for each send, the list of pieces by source rank (piece j came from
@@ -122,10 +122,27 @@ class PeerCopy:
         return wait
 
 
+class Loopback:
+    """Diagnostics only (COMFY_XDIT_EXCHANGE=loopback): nothing crosses, every peer's piece is this rank's
+    own piece for that peer. The attention keeps the shapes and copies of a real exchange, so a run times
+    the ranks' compute without any exchange or waiting, and its images are wrong."""
+
+    kind = "loopback"
+
+    def begin(self, numel: int, dtype: torch.dtype) -> None:
+        """Nothing to set up."""
+
+    def start(self, sends: list) -> Wait:
+        return lambda: [list(send.unbind(0)) for send in sends]
+
+
 def make(group, device: torch.device, request: str = "collective"):
     """The exchange for one sequence-parallel group. `request`: collective | peer-copy | auto.
 
     Collective: every rank of the group must call this with the same arguments, and they agree."""
+    if request == "loopback":
+        log.warning("COMFY_XDIT_EXCHANGE=loopback: timing only, nothing crosses between ranks, images are wrong")
+        return Loopback()
     if request == "peer-copy" and device.type != "cuda":
         raise RuntimeError("COMFY_XDIT_EXCHANGE=peer-copy needs CUDA ranks")
     if request == "collective" or device.type != "cuda" or dist.get_world_size(group) == 1:
