@@ -131,7 +131,7 @@ class Router:
         forced = self.config.parallel
         if forced is not None:  # an impossible forced layout is refused before sampling starts
             plans.layout.choose_mesh(forced.world, forced.cfg, plans.heads(run.plan, run.patcher.model.diffusion_model),
-                                     forced, ring_ok=True)
+                                     forced, ring_ok=True, gather=self.config.attention == "gather")
         group = self._group()
         run.spec = spec_for(run.patcher)
         group.prepare(run.spec)
@@ -198,7 +198,7 @@ class Router:
                 raise Unroutable(call.reason)
             heads = plans.heads(run.plan, model)
             mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
-                                            "yunchang" in self.group.attention)
+                                            "yunchang" in self.group.attention, self.group.attention == "gather")
             shape = (tuple(args[0].shape), mesh)
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
             chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1

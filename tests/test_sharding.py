@@ -27,6 +27,8 @@ def test_auto_layout():
     assert layout.choose_mesh(2, 1, 24, None, False) == layout.Mesh(1, 2, 1)  # cfg 1: sequence parallel
     assert layout.choose_mesh(8, 1, 24, None, True) == layout.Mesh(1, 8, 1)
     assert layout.choose_mesh(8, 1, 12, None, True) == layout.Mesh(1, 4, 2)  # heads don't divide by 8
+    assert layout.choose_mesh(8, 1, 12, None, False, gather=True) == layout.Mesh(1, 8, 1)  # K/V gather: any heads
+    assert layout.choose_mesh(3, 1, 4, layout.Mesh(1, 3, 1), False, gather=True) == layout.Mesh(1, 3, 1)
     with pytest.raises(layout.LayoutError):
         layout.choose_mesh(4, 1, 24, layout.Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
 

@@ -125,22 +125,23 @@ def batch_spans(batch: int, parts: int) -> list[tuple[int, int]]:
     return spans
 
 
-def choose_mesh(world: int, batch: int, heads: int, forced: Mesh | None, ring_ok: bool) -> Mesh:
+def choose_mesh(world: int, batch: int, heads: int, forced: Mesh | None, ring_ok: bool, gather: bool = False) -> Mesh:
     """The layout of one call. Auto: the batch (cond+uncond, latent batch) is shared out first, since
     it needs no communication but one gather; the rest of the ranks split the sequence, Ulysses first
-    (heads permitting), Ring for what the heads can't divide."""
+    (heads permitting), Ring for what the heads can't divide. With the K/V-gather attention
+    (`gather`), which takes any head count, the `ulysses` degree is its degree and there is no ring."""
     if forced is not None:
         mesh = forced
     else:
         cfg = max(d for d in range(1, world + 1) if world % d == 0 and batch % d == 0)
         sp = world // cfg
-        ulysses = max(d for d in range(1, sp + 1) if sp % d == 0 and heads % d == 0)
+        ulysses = max(d for d in range(1, sp + 1) if sp % d == 0 and (gather or heads % d == 0))
         mesh = Mesh(cfg, ulysses, sp // ulysses)
     if mesh.world != world:
         raise LayoutError(f"layout {mesh} needs {mesh.world} ranks, the group has {world}")
     if mesh.cfg > batch:
         raise LayoutError(f"layout {mesh}: a batch of {batch} can't feed {mesh.cfg} CFG groups")
-    if heads % mesh.ulysses:
+    if heads % mesh.ulysses and not gather:
         raise LayoutError(f"layout {mesh}: {heads} attention heads don't divide by ulysses={mesh.ulysses}")
     if mesh.ring > 1 and not ring_ok:
         raise LayoutError(f"layout {mesh}: ring > 1 needs the yunchang attention backend (CUDA)")
