@@ -18,7 +18,7 @@ import os
 import platform
 import time
 
-from . import locate
+from . import locate, plot
 
 
 def _args(argv):
@@ -229,6 +229,7 @@ class Bench:
                 calls = router.stats["routed_calls"] - calls0
                 per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
                 busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
+                gpu, launch = (stats[0][k] / max(stats[0]["calls"], 1) for k in ("gpu_seconds", "launch_seconds"))
                 inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
                 parts = dict(group.channel.timing, route=router.timing["route_seconds"])
                 parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
@@ -240,7 +241,8 @@ class Bench:
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
                        "parallel": parallel or "auto", "env": env,
                        "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
-                       "compute_s": busy, "dispatch_s": per_call - busy, "inbound_s": inbound,
+                       "compute_s": busy, "gpu_span_s": gpu, "launch_s": launch,
+                       "dispatch_s": per_call - busy, "inbound_s": inbound,
                        "dispatch_parts_ms": {k: round(v * 1e3, 3) for k, v in parts.items()},
                        "exchange": stats[0].get("exchange"),
                        "graph_replays": stats[0]["graph_replays"],
@@ -257,7 +259,8 @@ class Bench:
                     group.profile(os.path.dirname(self._profile_prefix(f"{label}{extra}-{size}-cfg{cfg:g}", "x")))
                     self.sample(model, size, cfg, 2)  # one call eager, one as usual
                 print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
-                      f"compute {busy * 1e3:.1f} ms, dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
+                      f"compute {busy * 1e3:.1f} ms (GPU span {gpu * 1e3:.1f}, queued after {launch * 1e3:.1f}), "
+                      f"dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
                       f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
                       f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms, "
                       f"exchange {row['exchange']}, dispatch parts (ms) {row['dispatch_parts_ms']}", flush=True)
@@ -336,38 +339,6 @@ class Bench:
         return "\n".join(rows)
 
 
-def _plot(results: dict, path: str) -> None:
-    """Speed-up against ranks, one line per size (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    runs = [r for r in results["runs"] if r["parallel"] == "auto" and not r["env"] and r["cfg"] == 1
-            and not r.get("lora")]
-    if not runs:
-        return
-    w, h, m = 640, 420, 50
-    top = max(max(r["workers"] for r in runs), max(r["speedup"] for r in runs))
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    sx = lambda n: m + (w - 2 * m) * n / top  # noqa: E731
-    sy = lambda s: h - m - (h - 2 * m) * s / top  # noqa: E731
-    d.line([(m, h - m), (w - m, h - m)], fill="black")
-    d.line([(m, h - m), (m, m)], fill="black")
-    d.line([(sx(0), sy(0)), (sx(top), sy(top))], fill=(200, 200, 200))
-    for i in range(1, int(top) + 1):
-        d.text((sx(i) - 3, h - m + 5), str(i), fill="black")
-        d.text((m - 20, sy(i) - 6), f"{i}x", fill="black")
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    for i, size in enumerate(sorted({r["size"] for r in runs})):
-        pts = [(1, 1.0)] + sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
-        d.line([(sx(n), sy(s)) for n, s in pts], fill=colors[i % 3], width=3)
-        d.text((w - m - 120, m + 16 * i), f"{size}x{size}", fill=colors[i % 3])
-    gpu = (results["machine"]["gpus"] or ["CPU"])[0]
-    d.text((m, 15), f"speed-up vs ComfyUI alone on 1 GPU, cfg 1 ({len(results['machine']['gpus'])}x {gpu})",
-           fill="black")
-    d.text((w // 2 - 20, h - 20), "ranks", fill="black")
-    img.save(path)
-
-
 def _settings(text: str) -> dict:
     """'NAME=value;NAME=value' -> {NAME: value}"""
     return dict(x.split("=", 1) for x in text.split(";") if x)
@@ -396,11 +367,11 @@ def main(argv=None) -> int:
         n, _, variant = variant.rpartition(":")
         n = int(n or 2)
         extra = _settings(variant)
-        bench.plugin(patcher, n, "", extra, latents,
+        bench.plugin(patcher, n, "", {**env, **extra}, latents,
                      f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in extra.items()))
     print(bench.table())
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(bench.table() + "\n")
     bench._save()
-    _plot(bench.results, os.path.join(a.out, "bench.png"))
+    plot.speedups(bench.results, os.path.join(a.out, "bench.png"))
     return 0

@@ -105,6 +105,8 @@ class Worker:
         self.meshes: dict = {}
         self.counters = collections.Counter()
         self.busy = 0.0  # seconds in model calls, device work included
+        self.gpu_busy = 0.0  # the GPU's span of those calls (CUDA events)
+        self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
         self._profiles: list = []  # (directory, mode) for the next calls, see profile()
         self.load_seconds = 0.0
 
@@ -181,11 +183,12 @@ class Worker:
         out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
                "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
                "calls": self.counters["calls"], "graph_replays": self.graphs.replays if self.graphs else 0,
-               "loads": self.counters["loads"], "busy_seconds": self.busy,
+               "loads": self.counters["loads"], "busy_seconds": self.busy, "gpu_seconds": self.gpu_busy,
+               "launch_seconds": self.launch,
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
-            self.counters["calls"], self.busy = 0, 0.0
+            self.counters["calls"], self.busy, self.gpu_busy, self.launch = 0, 0.0, 0.0, 0.0
             self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
             if self.device.type == "cuda":
                 self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -324,6 +327,10 @@ class Worker:
                 return self.graphs.run((key, mesh, chunks), run, (args, kwargs))
             return run((args, kwargs))
 
+        cuda = self.device.type == "cuda"
+        if cuda:  # the GPU's span of this call, against its wall time: what is not GPU work shows
+            marks = [self.torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            marks[0].record()
         if self._profiles:
             from .profiling import profiled
 
@@ -332,8 +339,11 @@ class Worker:
                 out = go(eager_only or mode == "eager")
         else:
             out = go(eager_only)
-        if self.device.type == "cuda":
+        self.launch += time.perf_counter() - t0
+        if cuda:
+            marks[1].record()
             self.torch.cuda.synchronize(self.device)
+            self.gpu_busy += marks[0].elapsed_time(marks[1]) / 1e3
         self.counters["calls"] += 1
         self.busy += time.perf_counter() - t0
         return out if self.rank == 0 else None
