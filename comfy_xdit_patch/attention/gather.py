@@ -4,8 +4,9 @@ The other way to split one attention over a sequence-parallel group (the all-gat
 parallelism of Llama 3's training). Against Ulysses (attention.ulysses):
 - nothing comes back after the attention: a rank's output is already its own tokens, all heads, so
   the exchange has no tail to wait for and the output needs no reassembly;
-- q is not sent; k and v go whole to every peer: at 2 ranks the same bytes as Ulysses' q, k, v and
-  output pieces, at N ranks (N - 1) / N * 2 tensors against Ulysses' 4 / N;
+- q is not sent; k and v go whole to every peer: a rank receives 2(N-1)/N of one full-sequence
+  tensor where Ulysses receives 4(N-1)/N² (q, k, v in, the output back): the same at 2 ranks, twice
+  as much at 4;
 - any head count works (no heads % ranks).
 With `chunks` > 1 the heads are gathered piece by piece: piece c's attention runs while piece c+1
 arrives. Each query still sees every key once, in the same order as one GPU: filler keys (the last
