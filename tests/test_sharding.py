@@ -84,6 +84,18 @@ def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img
     ranks.run(_attention_case, world, backend, mesh, chunks, txt, img, kernel, torch.float32, 1e-5)
 
 
+def test_loopback_exchange_hands_each_rank_its_own_pieces():
+    """COMFY_XDIT_EXCHANGE=loopback (timing only): the shapes of a real exchange, nothing crossing."""
+    from comfy_xdit_patch.attention import exchange
+
+    transport = exchange.make(None, torch.device("cpu"), "loopback")
+    sends = [torch.arange(24.0).reshape(2, 3, 4), torch.ones(2, 5)]
+    transport.begin(48, torch.float32)
+    got = transport.start(sends)()
+    assert [[p.shape for p in pieces] for pieces in got] == [[(3, 4)] * 2, [(5,)] * 2]
+    assert all(torch.equal(p, s[j]) for pieces, s in zip(got, sends) for j, p in enumerate(pieces))
+
+
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("backend", ["torch", "gather"])
 @pytest.mark.parametrize("chunks,txt,img,dtype,tol", [
