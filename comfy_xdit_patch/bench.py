@@ -228,14 +228,15 @@ class Bench:
                 stats = group.stats()
                 calls = router.stats["routed_calls"] - calls0
                 per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
-                busy = stats[0]["busy_seconds"] / max(stats[0]["calls"], 1)
-                gpu, launch = (stats[0][k] / max(stats[0]["calls"], 1) for k in ("gpu_seconds", "launch_seconds"))
-                inbound = max(s["inbound_seconds"] for s in stats) / max(stats[0]["calls"], 1)
+                rank_calls = max(stats[0]["calls"], 1)
+                busy, gpu, launch, reply = (stats[0][k] / rank_calls for k in
+                                            ("busy_seconds", "gpu_seconds", "launch_seconds", "reply_seconds"))
+                inbound = max(s["inbound_seconds"] for s in stats) / rank_calls
                 parts = dict(group.channel.timing, route=router.timing["route_seconds"])
                 parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
                 parts["wait_minus_compute"] = parts.pop("wait", 0.0) - busy
                 parts["rank_inbound"] = inbound
-                parts["rank0_reply"] = stats[0]["reply_seconds"] / max(stats[0]["calls"], 1)
+                parts["rank0_reply"] = reply
                 shape = (2 if cfg != 1 else 1, 16, size // 8, size // 8)
                 chunks = [c for (s, _), c in router.tuner.best.items() if s == shape]
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,

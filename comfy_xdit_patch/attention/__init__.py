@@ -45,7 +45,8 @@ def resolve(requested: str, device_type: str) -> str:
 def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto", exchange=None) -> Callable[[Shard, int], Callable]:
     """(shard, chunks) -> optimized_attention_override for one rank's piece of one call.
 
-    `exchange` carries the Ulysses all-to-alls (attention.exchange; default: torch.distributed's)."""
+    `exchange` carries the Ulysses all-to-alls or the K/V gathers (attention.exchange; default:
+    torch.distributed's all-to-all)."""
     if exchange is None and mesh.sp > 1:
         exchange = exchange_mod.Collective(groups.sp)
     usp_attn = None

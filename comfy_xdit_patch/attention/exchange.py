@@ -1,4 +1,5 @@
-"""The all-to-all under Ulysses attention, behind one interface, two transports (and a diagnostic).
+"""The all-to-all under Ulysses (and K/V gather) attention, behind one interface, two transports
+(and a diagnostic).
 
 `start(sends)` takes tensors shaped (world, ...) whose piece j goes to rank j of the group, and
 returns `wait()`, which gives, for each send, the list of pieces by source rank (piece j came from
@@ -137,7 +138,7 @@ class Loopback:
 
 
 def make(group, device: torch.device, request: str = "collective"):
-    """The exchange for one sequence-parallel group. `request`: collective | peer-copy | auto.
+    """The exchange for one sequence-parallel group. `request`: collective | peer-copy | auto | loopback.
 
     Collective: every rank of the group must call this with the same arguments, and they agree."""
     if request == "loopback":
