@@ -40,6 +40,7 @@ class Config:
     a2a_chunks: int | None  # None: tuned per shape
     exchange: str
     cuda_graphs: bool
+    compile: bool
     model_cache: int
     prestart: bool
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
@@ -160,6 +161,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool),
+    EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
+           "`1`: each rank runs the model's transformer blocks through torch.compile (regional: one compile per "
+           "block class, on the first call of each resolution, ~15-25 s; the sequence-parallel attention stays "
+           "one opaque op); `0`: as ComfyUI runs them.", _bool),
     EnvVar("COMFY_XDIT_PRESTART", "1",
            "`1`: the worker group starts in the background when ComfyUI starts, so the first FLUX run finds it "
            "ready; `0`: on the first FLUX run.", _bool),
@@ -211,6 +216,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
         exchange=val.get("COMFY_XDIT_EXCHANGE", "auto"),
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
+        compile=val.get("COMFY_XDIT_COMPILE", bool(gpus)),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         prestart=val.get("COMFY_XDIT_PRESTART", True),
         gpus=gpus,

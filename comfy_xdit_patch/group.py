@@ -142,7 +142,8 @@ class WorkerGroup:
             actor.options(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0, name=None,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, self.world, comfy_root(), self.use_gpu, self.config.attention, self.config.usp_kernel,
-                    self.config.sdpa, self.config.exchange, self.config.cuda_graphs, self.config.model_cache)
+                    self.config.sdpa, self.config.exchange, self.config.cuda_graphs, self.config.compile,
+                    self.config.model_cache)
             for r in range(self.world)
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=left())

@@ -66,7 +66,7 @@ def _ray_gpu_index() -> int:
 
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
-                 sdpa: str, exchange: str, cuda_graphs: bool, model_cache: int):
+                 sdpa: str, exchange: str, cuda_graphs: bool, compile_blocks: bool, model_cache: int):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -91,6 +91,7 @@ class Worker:
             from .graphs import CallGraphs
 
             self.graphs = CallGraphs()
+        self.compile = compile_blocks
         self.attention_request = attention
         self.exchange_request = exchange
         self.usp_kernel = usp_kernel
@@ -313,6 +314,11 @@ class Worker:
         plan = plans.by_family(family)
         groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
+        if self.compile:
+            from . import compiled
+
+            compiled.compile_blocks(model, plan.blocks)
+            attention = lambda shard: compiled.route(make(shard, chunks))  # noqa: E731
 
         def run(inputs):
             with self._kernel_preference():

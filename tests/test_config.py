@@ -10,9 +10,10 @@ def test_defaults_follow_the_hardware():
     assert cfg.load({}, gpus=0).enabled is False
     assert cfg.load({}, gpus=1).enabled is False
     on = cfg.load({}, gpus=4)
-    assert on.enabled and on.workers == 4 and on.use_gpu
+    assert on.enabled and on.workers == 4 and on.use_gpu and on.compile
     cpu = cfg.load({"COMFY_XDIT": "1"}, gpus=0)
-    assert cpu.enabled and cpu.workers == 2 and not cpu.use_gpu
+    assert cpu.enabled and cpu.workers == 2 and not cpu.use_gpu and not cpu.compile
+    assert cfg.load({"COMFY_XDIT_COMPILE": "0"}, gpus=2).compile is False
     assert cfg.load({"COMFY_XDIT_DEVICES": "1,3"}, gpus=4).workers == 2
     assert cfg.load({"COMFY_XDIT": "0"}, gpus=8).enabled is False
 

@@ -96,6 +96,11 @@ def test_loopback_exchange_hands_each_rank_its_own_pieces():
     assert all(torch.equal(p, s[j]) for pieces, s in zip(got, sends) for j, p in enumerate(pieces))
 
 
+def test_compiled_blocks_match_whole_model(flux4):
+    """COMFY_XDIT_COMPILE: blocks compiled, the exchange an opaque op inside them (Kontext refs + ControlNet)."""
+    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "collective", "torch", True)
+
+
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("backend", ["torch", "gather"])
 @pytest.mark.parametrize("chunks,txt,img,dtype,tol", [
@@ -121,10 +126,11 @@ def test_ring_attention_is_exact_on_cuda(kernel):
     ranks.run(_attention_case, world, "yunchang", mesh, 1, 512, 4096, kernel, torch.bfloat16, 2e-2)
 
 
-def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collective", backend="torch"):
+def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collective", backend="torch",
+               compile_blocks=False):
     import comfy.sd
 
-    from comfy_xdit_patch import attention, plans
+    from comfy_xdit_patch import attention, compiled, plans
     from comfy_xdit_patch.worker import build_groups
 
     device = ranks.DEVICE
@@ -149,8 +155,11 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
         plan = plans.plan_for(model)
         groups = build_groups(mesh, rank)
         transport = attention.exchange.make(groups.sp, x.device, exchange) if mesh.sp > 1 else None
-        out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
-                          attention.factory(backend, mesh, groups, exchange=transport))
+        make = attention.factory(backend, mesh, groups, exchange=transport)
+        if compile_blocks:  # COMFY_XDIT_COMPILE, as the worker does it
+            assert compiled.compile_blocks(model, plan.blocks) == 4
+            make = (lambda m: lambda shard: compiled.route(m(shard)))(make)
+        out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups, make)
         if exchange != "collective":  # the transport only moves bytes: NCCL's result, to the bit
             again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
                                 attention.factory(backend, mesh, groups))
@@ -179,6 +188,11 @@ def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control,
     if ranks.DEVICE == "cuda" and ranks.gpus() < world:
         pytest.skip(f"needs {world} GPUs")
     ranks.run(_plan_case, world, flux4, mesh, batch, refs, control, "collective", backend)
+
+
+def test_compiled_blocks_match_whole_model(flux4):
+    """COMFY_XDIT_COMPILE: blocks compiled, the exchange an opaque op inside them (Kontext refs + ControlNet)."""
+    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "collective", "torch", True)
 
 
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")

@@ -38,6 +38,8 @@ class Plan:
     entry_none: tuple[str, ...] = ()
     # forward() arguments that stay the same for a whole sampling run (they cross once per run)
     static: tuple[str, ...] = ()
+    # model attributes holding its transformer blocks (what COMFY_XDIT_COMPILE compiles)
+    blocks: tuple[str, ...] = ()
     # transformer_options keys the model's own code reads (others only matter to wrappers outside it)
     reads_options: tuple[str, ...] = ("patches", "patches_replace", "rope_options", "optimized_attention_override")
 

@@ -13,6 +13,7 @@ _COMMON = dict(
     control="control",
     heads="num_heads",
     static=("context", "y", "ref_latents"),
+    blocks=("double_blocks", "single_blocks"),
 )
 
 FLUX = Plan(
