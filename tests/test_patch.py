@@ -76,6 +76,28 @@ def test_only_flux_family_models_have_a_plan():
         assert plans.plan_for(object.__new__(other)) is None
 
 
+def test_only_options_the_model_reads_cross_so_each_run_has_the_same_call_signature(load_flux, tiny_flux):
+    """Per-run values (uuids, sigmas) would make every image a new call signature on the ranks: an eager
+    call and a CUDA graph capture per image instead of replays."""
+    import uuid
+
+    import torch
+
+    model = load_flux(tiny_flux).model.diffusion_model
+    plan = plans.plan_for(model)
+    x = torch.zeros(1, 16, 8, 8)
+    kwargs = dict(timestep=torch.ones(1), context=torch.zeros(1, 8, 32), y=torch.zeros(1, 768),
+                  guidance=torch.ones(1))
+    sent = []
+    for run in range(2):
+        options = {"uuids": [uuid.uuid4()], "sigmas": torch.full((1,), 0.5 + run), "cond_or_uncond": [0],
+                   "sample_sigmas": torch.linspace(1, 0, 5 + run), "rope_options": {"scale_x": 1.0}}
+        checked = plans.check(plan, model, (x,), dict(kwargs, transformer_options=options))
+        assert checked.reason is None
+        sent.append(checked.kwargs["transformer_options"])
+    assert sent[0] == sent[1] == {"rope_options": {"scale_x": 1.0}}
+
+
 def test_other_models_are_not_skipped_by_load_models_gpu(router, load_flux, tiny_flux):
     """Only the routed model of the current run is kept off; anything else loads as usual."""
     model = load_flux(tiny_flux)

@@ -120,10 +120,13 @@ def check(plan: Plan, model, args: tuple, kwargs: dict) -> Checked:
     if "optimized_attention_override" in options:
         return Checked("another node's attention override")
     for key, value in list(options.items()):
-        if not _plain(value):
-            if key in plan.reads_options:
-                return Checked(f"transformer_options['{key}'] holds {type(value).__name__}")
-            del options[key]  # e.g. EasyCache's state: only its own wrappers, outside the model, read it
+        if key not in plan.reads_options:
+            # NOTE: e.g. the run's uuids and sigmas, EasyCache's state: only wrappers outside the model read
+            # them. Kept, they would make each sampling run a new call signature on the ranks (one eager
+            # call and one CUDA graph capture per image).
+            del options[key]
+        elif not _plain(value):
+            return Checked(f"transformer_options['{key}'] holds {type(value).__name__}")
     for name, value in bound.arguments.items():
         if name != "transformer_options" and not _plain(value):
             return Checked(f"argument {name} holds {type(value).__name__}")
