@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import logging
 import os
 import socket
@@ -62,6 +63,15 @@ def _ray_gpu_index() -> int:
     gpu = str(ray.get_gpu_ids()[0])
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible.index(gpu) if gpu in visible else int(gpu)  # else: Ray numbered the visible ones
+
+
+def _settle_heap() -> None:
+    """Collect, then move what the process holds now (ComfyUI, the model, compiled code, graphs) out of
+    Python's cyclic GC, so its collections, which may start on any allocation, stop walking it in the
+    middle of a call (gc.freeze, as long-running inference servers do after warm-up). Done when another
+    model became current and after a call that ran eagerly or was captured; replays allocate little."""
+    gc.collect()
+    gc.freeze()
 
 
 class Worker:
@@ -232,10 +242,12 @@ class Worker:
             clone.force_cast_weights = spec.force_cast_weights
             self.loaded = {k: p for k, p in self.loaded.items() if p.model is not base.model}
             self.loaded[spec.key] = clone
-        if self.graphs is not None and spec.key != self.current:
+        changed, self.current = spec.key != self.current, spec.key
+        if self.graphs is not None and changed:
             self.graphs.clear()  # NOTE: captured graphs point at the weights as they were
-        self.current = spec.key
         self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
+        if changed:
+            _settle_heap()
         self.load_seconds = time.perf_counter() - t0
         return "ready"
 
@@ -308,6 +320,7 @@ class Worker:
         from . import plans
 
         t0 = time.perf_counter()
+        replays = self.graphs.replays if self.graphs is not None else None
         key, family, mesh, chunks, args, kwargs = body
         patcher = self.loaded[key]
         model = patcher.model.diffusion_model
@@ -352,4 +365,6 @@ class Worker:
             self.gpu_busy += marks[0].elapsed_time(marks[1]) / 1e3
         self.counters["calls"] += 1
         self.busy += time.perf_counter() - t0
+        if replays is not None and self.graphs.replays == replays:  # ran eagerly or captured: new objects
+            _settle_heap()
         return out if self.rank == 0 else None
