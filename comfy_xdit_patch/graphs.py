@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 import torch
 
@@ -49,14 +50,18 @@ class CallGraphs:
         self.limit = limit
         self._entries: collections.OrderedDict = collections.OrderedDict()  # signature -> state
         self.replays = 0
+        # CPU seconds of the replays: building the signature, copying the inputs in, graph.replay()
+        self.seconds = collections.Counter()
 
     def run(self, key, fn, inputs):
         """fn(inputs) eagerly, or through this signature's graph. The returned tensor is the graph's
         output buffer: read it before the next call."""
+        t0 = time.perf_counter()
         tensors, sig = [], [key]
         _flatten(inputs, tensors, sig)
         sig = tuple(sig)
         state = self._entries.get(sig)
+        t1 = time.perf_counter()
         if state is None or state == "eager":
             if state is None:
                 self._remember(sig, "seen")
@@ -69,7 +74,10 @@ class CallGraphs:
         self._entries.move_to_end(sig)
         for dst, src in zip(static_tensors, tensors):
             dst.copy_(src)
+        t2 = time.perf_counter()
         graph.replay()
+        t3 = time.perf_counter()
+        self.seconds.update(signature=t1 - t0, inputs=t2 - t1, launch=t3 - t2)
         self.replays += 1
         return out
 
