@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils._triton import has_triton
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,19 @@ def compile_blocks(model, block_lists: tuple[str, ...]) -> int:
     """Compile each block of `model`'s block lists in place (once per model); returns how many."""
     if getattr(model, "_comfy_xdit_compiled", False):
         return 0
-    # NOTE: blocks of one class share compiled code; each input shape (resolution) adds an entry.
+    model._comfy_xdit_compiled = True
+    device = next(model.parameters()).device
+    if device.type == "cuda" and not has_triton():
+        log.warning("COMFY_XDIT_COMPILE: Triton is missing, so the blocks run uncompiled")
+        return 0
+    # NOTE: blocks of one class share compiled code; each input shape (resolution) adds an entry. A block
+    # the compiler fails on runs as it is (suppress_errors), so a compile problem never fails a call.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.suppress_errors = True
     count = 0
     for name in block_lists:
         for block in getattr(model, name, ()):
             block.compile(dynamic=False)
             count += 1
-    model._comfy_xdit_compiled = True
     log.info("compiling %d blocks on first use", count)
     return count

@@ -164,6 +164,10 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
             again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
                                 attention.factory(backend, mesh, groups))
             assert torch.equal(out, again), f"rank {rank}: {exchange} differs from the collective exchange"
+    if compile_blocks:  # the blocks really ran compiled: a double and a single block graph, no breaks
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters)
     diff = (out - reference).abs().max().item()
     tol = 1e-4 if device == "cpu" else 5e-3  # GPU fp32 matmuls may use TF32
     assert out.shape == reference.shape and diff < tol, f"rank {rank}: {diff}"
