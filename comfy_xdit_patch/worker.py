@@ -195,7 +195,8 @@ class Worker:
         out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
                "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
                "calls": self.counters["calls"], "graph_replays": self.graphs.replays if self.graphs else 0,
-               "loads": self.counters["loads"], "busy_seconds": self.busy, "gpu_seconds": self.gpu_busy,
+               "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
+               "busy_seconds": self.busy, "gpu_seconds": self.gpu_busy,
                "launch_seconds": self.launch,
                "launch_parts_seconds": dict(self.prelude, **(self.graphs.seconds if self.graphs else {})),
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
@@ -335,7 +336,7 @@ class Worker:
         if self.compile:
             from . import compiled
 
-            compiled.compile_blocks(model, plan.blocks)
+            self.counters["compiled blocks"] += compiled.compile_blocks(model, plan.blocks)
             attention = lambda shard: compiled.route(make(shard, chunks))  # noqa: E731
 
         def run(inputs):
