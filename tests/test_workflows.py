@@ -14,7 +14,7 @@ from comfy_extras import nodes_edit_model, nodes_flux, nodes_model_advanced
 
 import tiny
 from comfy_xdit_patch import synthetic
-from conftest import ksample, node, sample
+from conftest import TOL, ksample, node, sample
 
 
 @pytest.fixture
@@ -191,6 +191,32 @@ def test_attention_mask_runs_locally(compare, flux):
     plain, _, _ = compare(lambda: run(flux))
     assert (masked - plain).abs().max() > 1e-4
 
+
+
+def test_compiled_blocks_on_the_ranks_with_and_without_lora(router, flux, loras):
+    """COMFY_XDIT_COMPILE=1 (the default on GPU ranks) through a worker group of its own: the compiled
+    blocks match ComfyUI alone, also after a LoRA patches the weights under them."""
+    import dataclasses
+
+    from comfy_xdit_patch import patch
+
+    (lora,) = node(nodes.LoraLoaderModelOnly, model=flux, lora_name=loras[0], strength_model=1.0)
+    blocks = len(flux.model.diffusion_model.double_blocks) + len(flux.model.diffusion_model.single_blocks)
+    session = patch.uninstall()  # its group's CPUs go to a group of compiling ranks; it restarts on next use
+    try:
+        reference = [run(m, steps=2) for m in (flux, lora)]
+        # NOTE: the first call compiles on 2 CPU cores: give it time (the default timeout is 120 s)
+        compiling = patch.install(dataclasses.replace(session.config, compile=True, timeout=600))
+        routed = [run(m, steps=2) for m in (flux, lora)]
+        stats = compiling.group.stats()
+    finally:
+        patch.uninstall()
+        patch.install(session.config, router=session)
+    assert compiling.stats["routed_calls"] == 4 and not compiling.disabled
+    assert [s["compiled_blocks"] for s in stats] == [blocks] * 2
+    for got, want in zip(routed, reference):
+        assert (got - want).abs().max().item() <= TOL
+    assert (reference[0] - reference[1]).abs().max().item() > 100 * TOL  # the LoRA changes the image
 
 # --- coexistence ------------------------------------------------------------------------------------
 
