@@ -231,7 +231,7 @@ class Bench:
                 rank_calls = max(stats[0]["calls"], 1)
                 busy, gpu, launch, reply = (stats[0][k] / rank_calls for k in
                                             ("busy_seconds", "gpu_seconds", "launch_seconds", "reply_seconds"))
-                replay = {k: round(v / rank_calls * 1e3, 2) for k, v in stats[0]["launch_parts_seconds"].items()}
+                launch_parts = {k: round(v / rank_calls * 1e3, 2) for k, v in stats[0]["launch_parts_seconds"].items()}
                 inbound = max(s["inbound_seconds"] for s in stats) / rank_calls
                 parts = dict(group.channel.timing, route=router.timing["route_seconds"])
                 parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
@@ -243,7 +243,7 @@ class Bench:
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
                        "parallel": parallel or "auto", "env": env,
                        "size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "routed_calls": calls,
-                       "compute_s": busy, "gpu_span_s": gpu, "launch_s": launch, "launch_parts_ms": replay,
+                       "compute_s": busy, "gpu_span_s": gpu, "launch_s": launch, "launch_parts_ms": launch_parts,
                        "dispatch_s": per_call - busy, "inbound_s": inbound,
                        "dispatch_parts_ms": {k: round(v * 1e3, 3) for k, v in parts.items()},
                        "exchange": stats[0].get("exchange"),
@@ -263,7 +263,7 @@ class Bench:
                     self.sample(model, size, cfg, self.a.steps)
                 print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
                       f"compute {busy * 1e3:.1f} ms (GPU span {gpu * 1e3:.1f}, queued after {launch * 1e3:.1f}, "
-                      f"parts (ms) {replay}), "
+                      f"parts (ms) {launch_parts}), "
                       f"dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
                       f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
                       f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms, "

@@ -50,6 +50,7 @@ class CallGraphs:
         self.limit = limit
         self._entries: collections.OrderedDict = collections.OrderedDict()  # signature -> state
         self.replays = 0
+        self.captures = 0
         # CPU seconds of the replays: building the signature, copying the inputs in, graph.replay()
         self.seconds = collections.Counter()
 
@@ -105,4 +106,5 @@ class CallGraphs:
             return "eager"
         state = (graph, static_tensors, out)
         self._remember(sig, state)
+        self.captures += 1
         return state

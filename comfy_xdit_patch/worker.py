@@ -69,7 +69,7 @@ def _settle_heap() -> None:
     """Collect, then move what the process holds now (ComfyUI, the model, compiled code, graphs) out of
     Python's cyclic GC, so its collections, which may start on any allocation, stop walking it in the
     middle of a call (gc.freeze, as long-running inference servers do after warm-up). Done when another
-    model became current and after a call that ran eagerly or was captured; replays allocate little."""
+    model became current and after a call was captured as a new graph; replays allocate little."""
     gc.collect()
     gc.freeze()
 
@@ -326,7 +326,7 @@ class Worker:
         from . import plans
 
         t0 = time.perf_counter()
-        replays = self.graphs.replays if self.graphs is not None else None
+        captures = self.graphs.captures if self.graphs is not None else None
         key, family, mesh, chunks, args, kwargs = body
         patcher = self.loaded[key]
         model = patcher.model.diffusion_model
@@ -372,6 +372,6 @@ class Worker:
             self.gpu_busy += marks[0].elapsed_time(marks[1]) / 1e3
         self.counters["calls"] += 1
         self.busy += time.perf_counter() - t0
-        if replays is not None and self.graphs.replays == replays:  # ran eagerly or captured: new objects
+        if captures is not None and self.graphs.captures != captures:  # a new graph: the shape's objects are made
             _settle_heap()
         return out if self.rank == 0 else None
