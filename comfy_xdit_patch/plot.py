@@ -24,7 +24,9 @@ def speedups(results: dict, path: str) -> None:
         d.text((m - 20, sy(i) - 6), f"{i}x", fill="black")
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
     for i, size in enumerate(sorted({r["size"] for r in runs})):
-        pts = [(1, 1.0)] + sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
+        pts = sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
+        if pts[0][0] != 1:  # ComfyUI alone is 1x at 1 GPU; a 1-rank row of the plugin has its own point
+            pts.insert(0, (1, 1.0))
         d.line([(sx(n), sy(s)) for n, s in pts], fill=colors[i % 3], width=3)
         d.text((w - m - 120, m + 16 * i), f"{size}x{size}", fill=colors[i % 3])
     gpu = (results["machine"]["gpus"] or ["CPU"])[0]
