@@ -7,7 +7,7 @@ instead of dozens per block, and a call has fewer kernels to run one after anoth
 
 The sequence-parallel attention exchanges tensors between ranks, so the compiler must not see
 inside it: blocks call it as one opaque op, `comfy_xdit::sp_attention`, whose implementation runs
-the rank's current attention override (set per call by `route`) eagerly, as without compile.
+the rank's current attention override (set per call by `routed`) eagerly, as without compile.
 """
 from __future__ import annotations
 
@@ -41,11 +41,15 @@ def _opaque_override(func, q, k, v, heads, *args, skip_reshape=False, mask=None,
     return torch.ops.comfy_xdit.sp_attention(q, k, v, heads)
 
 
-def route(override):
-    """The override to hand the model for one call: the compiled blocks reach `override` through the
-    opaque op. One call runs at a time on a rank."""
-    _current["override"] = override
-    return _opaque_override
+def routed(attention):
+    """`attention(shard)` -> override, as the compiled blocks need it: the override made for a call is
+    reached through the opaque op. One call runs at a time on a rank."""
+
+    def make(shard):
+        _current["override"] = attention(shard)
+        return _opaque_override
+
+    return make
 
 
 def compile_blocks(model, block_lists: tuple[str, ...]) -> int:

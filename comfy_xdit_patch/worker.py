@@ -337,7 +337,7 @@ class Worker:
             from . import compiled
 
             self.counters["compiled blocks"] += compiled.compile_blocks(model, plan.blocks)
-            attention = lambda shard: compiled.route(make(shard, chunks))  # noqa: E731
+            attention = compiled.routed(attention)
 
         def run(inputs):
             with self._kernel_preference():

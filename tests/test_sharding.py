@@ -158,7 +158,7 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
         make = attention.factory(backend, mesh, groups, exchange=transport)
         if compile_blocks:  # COMFY_XDIT_COMPILE, as the worker does it
             assert compiled.compile_blocks(model, plan.blocks) == 4
-            make = (lambda m: lambda shard: compiled.route(m(shard)))(make)
+            make = compiled.routed(make)
         out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups, make)
         if exchange != "collective":  # the transport only moves bytes: NCCL's result, to the bit
             again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
