@@ -118,7 +118,7 @@ class Worker:
         self.busy = 0.0  # seconds in model calls, device work included
         self.gpu_busy = 0.0  # the GPU's span of those calls (CUDA events)
         self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
-        self.prelude = collections.Counter()  # of which: before the model runs or its graph is replayed
+        self.prelude = 0.0  # of which: before the model runs or its graph is replayed
         self._profiles: list = []  # (directory, mode) for the next calls, see profile()
         self.load_seconds = 0.0
 
@@ -198,12 +198,11 @@ class Worker:
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
                "busy_seconds": self.busy, "gpu_seconds": self.gpu_busy,
                "launch_seconds": self.launch,
-               "launch_parts_seconds": dict(self.prelude, **(self.graphs.seconds if self.graphs else {})),
+               "launch_parts_seconds": dict(self.graphs.seconds if self.graphs else {}, prelude=self.prelude),
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
-            self.counters["calls"], self.busy, self.gpu_busy, self.launch = 0, 0.0, 0.0, 0.0
-            self.prelude.clear()
+            self.counters["calls"], self.busy, self.gpu_busy, self.launch, self.prelude = 0, 0.0, 0.0, 0.0, 0.0
             if self.graphs:
                 self.graphs.seconds.clear()
             self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
@@ -356,7 +355,7 @@ class Worker:
         if cuda:  # the GPU's span of this call, against its wall time: what is not GPU work shows
             marks = [self.torch.cuda.Event(enable_timing=True) for _ in range(2)]
             marks[0].record()
-        self.prelude["prelude"] += time.perf_counter() - t0
+        self.prelude += time.perf_counter() - t0
         if self._profiles:
             from .profiling import profiled
 
