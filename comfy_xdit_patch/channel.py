@@ -7,92 +7,46 @@ pickled header sent to every rank, plus ONE byte buffer with the tensors the ran
 on one host a shared-memory segment that every rank copies from (see transport.py); across hosts
 bytes on rank 0's connection, which rank 0 broadcasts with torch.distributed (NCCL on GPUs), so the
 driver's cost does not grow with the ranks. Tensors the caller marks as repeating (the T5 context, pooled vector,
-reference latents) are recognised with torch.equal and cross once per sampling run: both sides keep
-the same small LRU of them, which the driver orders.
+reference latents) are recognised by comparing values where they are, and cross once per sampling
+run: both sides keep the same small LRU of them, which the driver orders.
+
+Each step's costs are a few hundred microseconds of Python and torch calls on each side, so the path
+keeps them few: one wait for all staged copies, views made once per layout, one pickle per header.
+With GPU ranks both sides also poll instead of sleeping around the moment the other side's message is
+due (the rank right after a reply, the driver from just before the reply it expects), bounded by
+SPIN_MAX: waking a sleeping process and its cold core cost more than the polling.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import io
 import os
-import pickle
 import secrets
+import select
 import shutil
 import socket
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Client, Connection, Listener, wait
-from typing import Any, Callable
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
-from .transport import Inbox, Outbox
+from . import transport
+from .transport import Inbox, Outbox, Views
 
 _CACHE_SLOTS = 8
 _CACHE_MIN_BYTES = 64 * 1024
+SPIN_LEAD = 0.002  # seconds before a GPU group's expected reply that the driver polls without sleeping
+SPIN_MAX = 0.02  # seconds a side polls without sleeping, at most, before it sleeps until woken
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     offset: int  # into this request's payload, or -1 when it is in a cache slot
     slot: int  # cache slot it is stored in / read from, -1 for none
-
-
-def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles anything (model specs, LoRA adapters, call arguments) with its tensors taken out."""
-
-    def __init__(self, file, tensors: list):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.tensors = tensors
-
-    def persistent_id(self, obj):
-        if isinstance(obj, torch.Tensor):
-            self.tensors.append(obj)
-            return len(self.tensors) - 1
-        return None
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, tensors: list):
-        super().__init__(file)
-        self.tensors = tensors
-
-    def persistent_load(self, pid):
-        return self.tensors[pid]
-
-
-def _dumps(obj) -> tuple[bytes, list]:
-    tensors: list[torch.Tensor] = []
-    buf = io.BytesIO()
-    _Pickler(buf, tensors).dump(obj)
-    return buf.getvalue(), tensors
-
-
-def _loads(data: bytes, tensors: list):
-    return _Unpickler(io.BytesIO(data), tensors).load()
-
-
-def _unpack(buf: torch.Tensor, metas: list[TensorMeta]) -> list[torch.Tensor | None]:
-    out = []
-    for m in metas:
-        if m.offset < 0:
-            out.append(None)
-            continue
-        n = _nbytes(m.shape, m.dtype)
-        out.append(buf[m.offset:m.offset + n].view(m.dtype).reshape(m.shape))
-    return out
 
 
 def _no_delay(conn: Connection) -> None:
@@ -120,13 +74,20 @@ class DriverChannel:
         self.address = self._listener.address
         self._conns: list[Connection | None] = [None] * world
         self.shared = host is None  # tensor bytes through shared memory (one host)
-        self._outbox, self._inbox = Outbox(self.shared), Inbox(owns=True)
+        self._outbox = Outbox(self.shared)
+        self._inboxes = [Inbox(owns=True) for _ in range(world)]  # one each: every rank writes its own
         self._seq = 0
         self._abandoned = None  # a request whose reply was not waited for (ComfyUI's interrupt)
         self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._free = list(range(_CACHE_SLOTS))
         self._lock = threading.Lock()
         self.timing = collections.Counter()  # seconds: staging+sending requests, waiting, taking replies
+        self.spin_lead: float | None = None  # see _replies; None: always sleep until woken (CPU ranks)
+        self._expect: dict = {}  # (op, tensor shapes) -> seconds rank 0's reply took last time
+        self.waited = 0.0
+        # sums of CLOCK_MONOTONIC instants (sent, rank 0's reply seen), against the ranks' (one host: see
+        # WorkerChannel.clock): where the time between sending and the reply goes
+        self.clock = collections.Counter()
 
     def accept(self, timeout: float, alive: Callable[[], None]) -> None:
         """Wait for every rank to connect (each first sends its rank)."""
@@ -153,13 +114,11 @@ class DriverChannel:
         if error:
             raise GroupBroken(f"worker connection failed: {error[0]!r}")
         self._listener.close()
+        self._poller = select.poll()
+        for conn in self._conns:
+            self._poller.register(conn.fileno(), select.POLLIN)
+        self._rank_of = {conn.fileno(): rank for rank, conn in enumerate(self._conns)}
 
-    def _cached(self, t: torch.Tensor) -> int:
-        for slot, held in self._slots.items():
-            if held.shape == t.shape and held.dtype == t.dtype and held.device == t.device and torch.equal(held, t):
-                self._slots.move_to_end(slot)
-                return slot
-        return -1
 
     def _store(self, t: torch.Tensor) -> int:
         if not self._free:
@@ -168,6 +127,35 @@ class DriverChannel:
         slot = self._free.pop()
         self._slots[slot] = t.detach().clone()
         return slot
+
+    def _stage(self, tensors: list[torch.Tensor], keep):
+        """Stage the tensors the ranks don't hold. Whether a tensor to keep equals a cached one is
+        computed where it is (on the GPU, as one bool each) and staged beside the payload, so that
+        one wait covers both; a tensor whose values changed (a new prompt) is staged after all."""
+        big = {id(t) for t in keep if t.numel() * t.element_size() >= _CACHE_MIN_BYTES}
+        # (index, slot) for each tensor to keep and each cache slot that could hold its values
+        checks = [(i, slot) for i, t in enumerate(tensors) if id(t) in big for slot, held in self._slots.items()
+                  if held.shape == t.shape and held.dtype == t.dtype and held.device == t.device]
+        checked = {i for i, _ in checks}
+        sent = [i for i in range(len(tensors)) if i not in checked]
+        flags = [(self._slots[slot] == tensors[i]).all() for i, slot in checks]
+        offsets, desc, views, trailing = self._outbox.stage([tensors[i] for i in sent], flags)
+        hits: dict[int, int] = {}
+        for (i, slot), flag in zip(checks, views[len(sent):]):
+            if i not in hits and bool(flag):
+                hits[i] = slot
+                self._slots.move_to_end(slot)
+        if checked - hits.keys():
+            sent = sorted(sent + list(checked - hits.keys()))
+            offsets, desc, _, trailing = self._outbox.stage([tensors[i] for i in sent])
+        where = dict(zip(sent, offsets))
+        metas = []
+        for i, t in enumerate(tensors):
+            if i in hits:
+                metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, hits[i]))
+            else:
+                metas.append(TensorMeta(tuple(t.shape), t.dtype, where[i], self._store(t) if id(t) in big else -1))
+        return metas, (desc if sent else None), trailing
 
     def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,
                 alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None,
@@ -184,56 +172,66 @@ class DriverChannel:
                 self._replies(abandoned, False, timeout, alive, lambda: None, torch.device("cpu"))
             self._seq += 1
             seq = self._seq
-            skeleton, tensors = _dumps(body)
-            metas, new = [], []
-            cacheable = {id(t) for t in keep if t.numel() * t.element_size() >= _CACHE_MIN_BYTES}
-            for t in tensors:
-                slot = self._cached(t) if id(t) in cacheable else -1
-                if slot >= 0:
-                    metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, slot))
-                    continue
-                store = self._store(t) if id(t) in cacheable else -1
-                metas.append(TensorMeta(tuple(t.shape), t.dtype, 0, store))
-                new.append(t)
-            offsets, desc, trailing = self._outbox.stage(new) if new else ([], None, None)
-            it = iter(offsets)
-            metas = [dataclasses.replace(m, offset=next(it)) if m.offset == 0 else m for m in metas]
-            header = (seq, op, skeleton, metas, desc)
+            skeleton, tensors = transport.dumps(body)
+            key = (op, all_reply, tuple(t.shape for t in tensors))
+            metas, desc, trailing = self._stage(tensors, keep) if tensors else ([], None, None)
+            for inbox in self._inboxes:  # a rank may write its memory again once it has this request
+                inbox.settle()
             try:
-                for conn in self._conns:
-                    conn.send(header)
+                transport.send(self._conns, (seq, op, skeleton, metas, desc))
+                self.clock[f"{op} sent"] += time.perf_counter()
                 if trailing is not None:
                     self._conns[0].send_bytes(trailing.numpy())
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
             self.timing["send"] += time.perf_counter() - t0
             try:
-                return self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"))
+                out = self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"),
+                                    self._expect.get(key), op)
             except BaseException:
                 self._abandoned = seq
                 raise
+            if len(self._expect) > 64:
+                self._expect.clear()
+            self._expect[key] = self.waited
+            return out
 
-    def _replies(self, seq, all_reply, timeout, alive, interrupted, device):
+    def _replies(self, seq, all_reply, timeout, alive, interrupted, device, expect=None, op=""):
+        """expect: seconds after which the reply came last time; from `spin_lead` before then, the driver
+        polls without sleeping (for at most SPIN_MAX), so that it is awake and on a warm core when the
+        reply comes, instead of being woken up by it."""
         deadline = time.monotonic() + timeout
         waiting = set(range(self.world)) if all_reply else {0}
         results: dict[int, Any] = {}
-        by_conn = {id(c): r for r, c in enumerate(self._conns)}
-        t0 = time.perf_counter()
+        t0 = start = time.perf_counter()
+        spin_from = t0 + expect - self.spin_lead if expect is not None and self.spin_lead is not None else None
+        checked = t0
         while waiting:
-            ready = wait(self._conns, timeout=0.05)
+            now = time.perf_counter()
+            if spin_from is not None and spin_from <= now < spin_from + SPIN_MAX:
+                ready = self._poller.poll(0)
+            else:
+                until = spin_from - now if spin_from is not None and now < spin_from else 0.05
+                ready = self._poller.poll(max(1, min(50, int(until * 1e3))))
             if not ready:
-                interrupted()
-                alive()
-                if time.monotonic() > deadline:
-                    raise StepTimeout(f"no reply to request {seq} within {timeout:.0f}s")
+                if time.perf_counter() - checked >= 0.05:
+                    checked = time.perf_counter()
+                    interrupted()
+                    alive()
+                    if time.monotonic() > deadline:
+                        raise StepTimeout(f"no reply to request {seq} within {timeout:.0f}s")
                 continue
-            for conn in ready:
-                rank = by_conn[id(conn)]
+            for fd, _ in ready:
+                rank = self._rank_of[fd]
+                conn = self._conns[rank]
                 t1 = time.perf_counter()
                 self.timing["wait"] += t1 - t0
+                if rank == 0:
+                    self.waited = t1 - start
+                    self.clock[f"{op} woke"] += t1
                 try:
-                    rseq, status, value, desc = conn.recv()
-                    data = self._inbox.take(conn, desc) if desc else None
+                    rseq, status, value, desc = transport.recv(conn)
+                    data = self._inboxes[rank].take(conn, desc) if desc else None
                 except (OSError, EOFError) as e:
                     raise WorkerDied(f"rank {rank} went away ({e!r})") from e
                 if rseq != seq:
@@ -245,7 +243,8 @@ class DriverChannel:
                     raise WorkerFailed(f"rank {rank}: {value}")
                 if data is not None:  # copied out: the buffer is reused for the next reply
                     skeleton, metas = value
-                    value = _loads(skeleton, [t.to(device, copy=True) for t in _unpack(data, metas)])
+                    views = data.get((m.offset, m.shape, m.dtype) for m in metas)
+                    value = transport.loads(skeleton, self._inboxes[rank].fetch(views, device))
                 results[rank] = value
                 waiting.discard(rank)
                 t0 = time.perf_counter()
@@ -256,7 +255,7 @@ class DriverChannel:
         for rank, conn in enumerate(self._conns):
             try:
                 while conn.poll(0):
-                    conn.recv()  # stale replies are dropped; a dead rank's connection gives EOF
+                    transport.recv(conn)  # stale replies are dropped; a dead rank's connection gives EOF
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"rank {rank} went away ({e!r})") from e
 
@@ -274,7 +273,8 @@ class DriverChannel:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._outbox.close()
-        self._inbox.close()
+        for inbox in self._inboxes:
+            inbox.close()
 
 
 class WorkerChannel:
@@ -290,51 +290,72 @@ class WorkerChannel:
         self._conn.send(rank)
         self._slots: dict[int, torch.Tensor] = {}
         self._inbox, self._outbox = Inbox(), Outbox(shared)
+        self._poller = select.poll()
+        self._poller.register(self._conn.fileno(), select.POLLIN)
+        # seconds to poll for the next request without sleeping, once ready for it (GPU ranks only: CPU
+        # ranks need every core for their own work)
+        self.spin = SPIN_MAX if device.type == "cuda" else 0.0
         self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
+        self.inbound_bytes = 0  # tensor bytes that crossed (cached tensors cross once)
+        self._dev: Views | None = None  # the device buffer requests' tensors are copied into
+        self.arrived = 0.0  # when the last header was read
+        self.replying = 0.0  # when the last reply was staged, about to be sent
         self.reply_seconds = 0.0  # staging and sending replies
 
     def recv(self):
-        seq, op, skeleton, metas, desc = self._conn.recv()
-        t0 = time.perf_counter()
-        buf = None
+        # NOTE: during sampling the next request comes a few ms after the reply (ComfyUI's sampler step)
+        end = time.perf_counter() + self.spin
+        while time.perf_counter() < end and not self._poller.poll(0):
+            pass
+        seq, op, skeleton, metas, desc = transport.recv(self._conn)
+        t0 = self.arrived = time.perf_counter()
+        tensors = [None] * len(metas)
         if desc:
             # One host ("shm"): every rank copies the bytes from the driver's segment itself. The driver
             # writes it again only after rank 0's reply, which no rank's work can precede: each rank's
             # copy is queued before its first collective (every request but `call` is answered by every
             # rank). Across hosts only rank 0 gets the bytes, and broadcasts them.
-            # A copy of its own either way: the driver reuses its buffer for the next request.
+            # Into a device buffer of its own either way, reused by the next request (the model call that
+            # reads it is done by then); what the cache keeps is copied out of it.
             shared = desc[0] == "shm"
+            size = desc[-1]
+            self.inbound_bytes += size
+            if self._dev is None or self._dev.buf.numel() < size:
+                self._dev = Views(torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=self.device))
             if shared or self.rank == 0:
-                buf = self._inbox.take(self._conn, desc).to(self.device, copy=True, non_blocking=True)
-            else:
-                buf = torch.empty(desc[-1], dtype=torch.uint8, device=self.device)
+                host = self._inbox.take(self._conn, desc).buf
+                self._dev.buf[:size].copy_(host[:size], non_blocking=True)
             if not shared:
                 # NOTE: collective; every rank got the same header, so every rank reaches it.
-                self._broadcast(buf)
-        tensors = _unpack(buf, metas) if buf is not None else [None] * len(metas)
+                self._broadcast(self._dev.buf[:size])
+            sent = [i for i, m in enumerate(metas) if m.offset >= 0]
+            for i, v in zip(sent, self._dev.get((metas[i].offset, metas[i].shape, metas[i].dtype) for i in sent)):
+                tensors[i] = v
         for i, m in enumerate(metas):
             if m.offset < 0:
                 tensors[i] = self._slots[m.slot]
             elif m.slot >= 0:
-                self._slots[m.slot] = tensors[i]
+                self._slots[m.slot] = tensors[i].clone()
         self.inbound_seconds += time.perf_counter() - t0
-        return seq, op, _loads(skeleton, tensors)
+        return seq, op, transport.loads(skeleton, tensors)
 
     def reply(self, seq: int, value: Any) -> None:
         t0 = time.perf_counter()
-        skeleton, tensors = _dumps(value)
+        skeleton, tensors = transport.dumps(value)
         if not tensors:
-            self._conn.send((seq, "ok", value, None))
+            self.replying = time.perf_counter()
+            transport.send([self._conn], (seq, "ok", value, None))
             return
-        offsets, desc, trailing = self._outbox.stage(tensors)
+        offsets, desc, _, trailing = self._outbox.stage(tensors)
         metas = [TensorMeta(tuple(t.shape), t.dtype, off, -1) for t, off in zip(tensors, offsets)]
-        self._conn.send((seq, "ok", (skeleton, metas), desc))
+        self.replying = time.perf_counter()
+        transport.send([self._conn], (seq, "ok", (skeleton, metas), desc))
         if trailing is not None:
             self._conn.send_bytes(trailing.numpy())
         self.reply_seconds += time.perf_counter() - t0
 
     def fail(self, seq: int, message: str, status: str = "error") -> None:
-        self._conn.send((seq, status, message, None))
+        transport.send([self._conn], (seq, status, message, None))
 
     def close(self) -> None:
         self._conn.close()

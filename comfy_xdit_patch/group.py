@@ -154,6 +154,8 @@ class WorkerGroup:
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
         here = ray.util.get_node_ip_address()
         self.channel = channel_mod.DriverChannel(self.world, host=None if set(ips) == {here} else here)
+        if self.use_gpu:
+            self.channel.spin_lead = channel_mod.SPIN_LEAD
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
         self.channel.accept(left(), self.check_alive)
@@ -211,6 +213,11 @@ class WorkerGroup:
     def profile(self, directory: str) -> None:
         """Every rank profiles its next two calls (eager, then as usual) into `directory` (bench only)."""
         self.request("profile", directory, all_reply=True)
+
+    def pyprofile(self, on: bool) -> list[str]:
+        """cProfile every rank's serving loop from now (on), or stop and get their tables (bench only)."""
+        replies = self.request("pyprofile", on, all_reply=True)
+        return [replies[r] for r in range(self.world)]
 
     def shutdown(self) -> None:
         """Idempotent; never raises."""

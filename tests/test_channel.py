@@ -1,0 +1,87 @@
+"""The per-step channel between ComfyUI's process and the ranks, on its own: two rank processes on
+one host (shared memory) and as if across hosts (bytes to rank 0, which broadcasts them over gloo).
+Every rank answers with what it received; tensors the driver keeps cross once, and cross again when
+their values change."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from comfy_xdit_patch.channel import SPIN_LEAD, SPIN_MAX, DriverChannel, WorkerChannel
+
+WORLD = 2
+# with XDIT_TEST_DEVICE=cuda the tensors live on the GPU on both sides (page-locked shared memory)
+DEVICE = torch.device("cuda" if os.environ.get("XDIT_TEST_DEVICE") == "cuda" else "cpu")
+
+
+def _rank(address, authkey, rank, shared, store, device, spin):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    ch = WorkerChannel(address, authkey, rank, device, lambda t: dist.broadcast(t, src=0), shared)
+    ch.spin = SPIN_MAX if spin else 0.0
+    while True:
+        try:
+            seq, _, body = ch.recv()
+        except EOFError:
+            return
+        ch.reply(seq, (body, ch.inbound_bytes))
+
+
+@pytest.fixture(params=["one host", "one host, polling", "across hosts"])
+def channel(request, tmp_path):
+    """"polling": both sides poll instead of sleeping around the expected reply, as with GPU ranks."""
+    if request.param == "across hosts" and DEVICE.type == "cuda":
+        pytest.skip("the ranks' broadcast is gloo's, on CPU tensors")
+    spin = request.param.endswith("polling")
+    ch = DriverChannel(WORLD, host="127.0.0.1" if request.param == "across hosts" else None)
+    if spin:
+        ch.spin_lead = SPIN_LEAD
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(ch.address, ch.authkey, r, ch.shared, str(tmp_path / "store"), DEVICE,
+                                             spin), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    ch.accept(120, lambda: None)
+    yield ch
+    ch.close()
+    for p in procs:
+        p.join(10)
+
+
+def test_tensors_cross_once_and_again_when_they_change(channel):
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 64, 512, generator=g).bfloat16().to(DEVICE)  # 64 KiB: big enough to be kept
+    other = torch.randn(1, 64, 512, generator=g).bfloat16().to(DEVICE)  # same shape, other values (a new prompt)
+    pooled = torch.randn(1, 768, generator=g).to(DEVICE)  # too small to be worth keeping
+    crossed = [0] * WORLD
+
+    def step(context, expect_context_crosses: bool):
+        x = torch.randn(1, 16, 8, 8, generator=g).to(DEVICE)
+        sent = {"x": x, "args": (torch.tensor([0.5], device=DEVICE), context.clone()), "y": pooled, "n": 3}
+        kept = sent["args"][1]
+        replies = channel.request("echo", sent, all_reply=True, keep=[kept, pooled], device=DEVICE)
+        for rank, (got, total) in replies.items():
+            assert got.keys() == sent.keys() and got["n"] == 3
+            for a, b in ((got["x"], x), (got["args"][0], sent["args"][0]), (got["args"][1], context),
+                         (got["y"], pooled)):
+                assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            grew, crossed[rank] = total - crossed[rank], total
+            assert (grew >= context.numel() * 2) == expect_context_crosses, (rank, grew)
+
+    step(context, True)
+    step(context, False)  # a new tensor with the same values: from the ranks' cache
+    step(other, True)  # same shape, changed values: crosses again
+    step(context, False)  # both stay cached, whichever comes
+    step(other, False)
+
+
+def test_reply_lands_on_the_requested_device_and_keeps_its_dtype(channel):
+    x = torch.arange(12, dtype=torch.float16, device=DEVICE).reshape(3, 4).t()  # not contiguous
+    replies = channel.request("echo", [x, None, "s"], all_reply=True, device=torch.device("cpu"))
+    for got, _ in replies.values():
+        assert got[1:] == [None, "s"] and got[0].dtype == torch.float16 and got[0].device.type == "cpu"
+        assert torch.equal(got[0], x.cpu())
