@@ -40,7 +40,8 @@ def _args(argv):
     ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
-    ap.add_argument("--profile", action="store_true", help="cProfile ComfyUI's process over the first timed run")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile ComfyUI's process and rank 0's serving loop over the first timed run")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="torch.profiler tables of one step, ComfyUI alone and each rank, into OUT/profile")
     ap.add_argument("--no-baseline-cache", action="store_true", help=argparse.SUPPRESS)
@@ -215,16 +216,18 @@ class Bench:
                 group.stats(reset=True)
                 calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
                 parts0 = dict(group.channel.timing, route=router.timing["route_seconds"])
+                clock0 = dict(group.channel.clock)
                 profiler = None
                 if self.a.profile and not self.results.get("profiled"):
                     import cProfile
 
                     profiler = cProfile.Profile()
+                    group.pyprofile(True)
                     profiler.enable()
                 latent, seconds = self.sample(model, size, cfg, self.a.steps)
                 if profiler is not None:
                     profiler.disable()
-                    self._dump_profile(profiler, label, size)
+                    self._dump_profile(profiler, label, size, group.pyprofile(False)[0])
                 stats = group.stats()
                 calls = router.stats["routed_calls"] - calls0
                 per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
@@ -238,6 +241,13 @@ class Bench:
                 parts["wait_minus_compute"] = parts.pop("wait", 0.0) - busy
                 parts["rank_inbound"] = inbound
                 parts["rank0_reply"] = reply
+                if group.channel.shared:  # one host: one clock. Header to rank 0, rank 0 beyond its compute
+                    # (its reply staged), reply to ComfyUI's process
+                    sent, woke = (group.channel.clock[f"call {k}"] - clock0.get(f"call {k}", 0.0) for k in ("sent", "woke"))
+                    clock = stats[0]["clock"]
+                    parts["to_rank0"] = (clock.get("call arrived", 0.0) - sent) / rank_calls
+                    parts["rank0_beyond_compute"] = (clock.get("call done", 0.0) - clock.get("call arrived", 0.0)) / rank_calls - busy
+                    parts["back"] = (woke - clock.get("call done", 0.0)) / rank_calls
                 shape = (2 if cfg != 1 else 1, 16, size // 8, size // 8)
                 chunks = [c for (s, _), c in router.tuner.best.items() if s == shape]
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
@@ -295,7 +305,7 @@ class Bench:
         slug = "".join(c if c.isalnum() or c in "-." else "_" for c in case)
         return os.path.abspath(os.path.join(self.a.out, "profile", slug, name))
 
-    def _dump_profile(self, profiler, label, size) -> None:
+    def _dump_profile(self, profiler, label, size, rank0: str) -> None:
         import io
         import pstats
 
@@ -305,6 +315,7 @@ class Bench:
         stats.sort_stats("cumulative").print_stats(60)
         with open(os.path.join(self.a.out, "profile.txt"), "w") as f:
             f.write(f"{label} {size}² {self.a.steps} steps\n" + out.getvalue())
+            f.write(f"\n--- rank 0's serving loop, the same run\n{rank0}")
         self.results["profiled"] = label
 
     def _a2a(self, group, router, size: int, cfg: float) -> float:

@@ -1,4 +1,5 @@
-"""Kernel-level profiles of model calls (the benchmark's --kernel-profile): where a step's GPU time goes.
+"""Profiles of model calls: where a step's GPU time goes (the benchmark's --kernel-profile) and, with
+`table`, where its Python time goes (--profile).
 
 `profiled(prefix)` runs a block under torch.profiler and writes `prefix.txt`: GPU time by kind of
 kernel (matmul, attention, copies, communication, the rest) and the busiest kernels, plus
@@ -63,3 +64,16 @@ def profiled(prefix: str, trace: bool = False):
         with open(prefix + ".json", "rb") as src, gzip.open(prefix + ".json.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.remove(prefix + ".json")
+
+
+def table(prof, rows: int = 40) -> str:
+    """A cProfile.Profile's busiest functions, by their own time ("" for None)."""
+    import io
+    import pstats
+
+    if prof is None:
+        return ""
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()

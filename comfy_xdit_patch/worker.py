@@ -120,6 +120,8 @@ class Worker:
         self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
         self.prelude = 0.0  # of which: before the model runs or its graph is replayed
         self._profiles: list = []  # (directory, mode) for the next calls, see profile()
+        self._pyprof = None  # cProfile of the serving loop, see pyprofile()
+        self.clock = collections.Counter()  # sums of instants per op: header read, reply sent (DriverChannel.clock)
         self.load_seconds = 0.0
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
@@ -172,8 +174,10 @@ class Worker:
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
                                                lambda t: dist.broadcast(t, src=0), shared)
         handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe,
-                    "profile": self.profile}
+                    "profile": self.profile, "pyprofile": self.pyprofile}
         while True:
+            if self._pyprof is not None:
+                self._pyprof.enable()
             try:
                 seq, op, body = channel.recv()
             except (EOFError, OSError):  # the driver closed the group (or went away)
@@ -182,13 +186,19 @@ class Worker:
             try:
                 with self.torch.inference_mode():
                     result = handlers[op](body)
+                done = time.perf_counter()
                 if result is not None:
                     channel.reply(seq, result)
+                    done = channel.replying
+                self.clock[f"{op} arrived"] += channel.arrived
+                self.clock[f"{op} done"] += done
             except LayoutError as e:  # every rank refuses alike, before any collective
                 channel.fail(seq, str(e), status="refused")
             except Exception as e:  # reported to the driver, which decides what happens to the group
                 log.error("request %s (%s) failed:\n%s", seq, op, traceback.format_exc())
                 channel.fail(seq, f"{type(e).__name__}: {e}")
+            if self._pyprof is not None:
+                self._pyprof.disable()
 
     # --- requests ---------------------------------------------------------------------------------
     def stats(self, reset) -> dict:
@@ -200,12 +210,14 @@ class Worker:
                "launch_seconds": self.launch,
                "launch_parts_seconds": dict(self.graphs.seconds if self.graphs else {}, prelude=self.prelude),
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
+               "clock": dict(self.clock),
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
             self.counters["calls"], self.busy, self.gpu_busy, self.launch, self.prelude = 0, 0.0, 0.0, 0.0, 0.0
             if self.graphs:
                 self.graphs.seconds.clear()
             self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
+            self.clock.clear()
             if self.device.type == "cuda":
                 self.torch.cuda.reset_peak_memory_stats(self.device)
         return out
@@ -315,6 +327,15 @@ class Worker:
         sync()
         return (time.perf_counter() - t0) / reps
 
+    def pyprofile(self, on: bool) -> str:
+        """cProfile this rank's serving loop from now (on), or stop and return its table (bench --profile)."""
+        import cProfile
+
+        from .profiling import table
+
+        prof, self._pyprof = self._pyprof, cProfile.Profile() if on else None
+        return "armed" if on else table(prof)
+
     def profile(self, directory: str) -> str:
         """Profile the next two calls with torch.profiler (one eager, one as usual), tables into `directory`."""
         self._profiles = [(directory, "eager"), (directory, "graph")]
@@ -340,7 +361,8 @@ class Worker:
 
         def run(inputs):
             with self._kernel_preference():
-                return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention)
+                # contiguous (FLUX's output is a permuted view): rank 0's reply is then one plain copy
+                return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention).contiguous()
 
         # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
         # (4x H100); other kernels run the ring eagerly.
