@@ -257,6 +257,7 @@ class Bench:
                        "dispatch_s": per_call - busy, "inbound_s": inbound,
                        "dispatch_parts_ms": {k: round(v * 1e3, 3) for k, v in parts.items()},
                        "exchange": stats[0].get("exchange"),
+                       "pinned": {"driver": group.channel.pinned, "ranks": [s["pinned"] for s in stats]},
                        "graph_replays": stats[0]["graph_replays"],
                        "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
                        "a2a_s": self._a2a(group, router, size, cfg),
@@ -277,7 +278,8 @@ class Bench:
                       f"dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
                       f"a2a {row['a2a_s'] * 1e3:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
                       f"peak {max(row['peak_gib']):.1f} GiB, chunks {chunks}, sampler {row['sampler_s'] * 1e3:.1f} ms, "
-                      f"exchange {row['exchange']}, dispatch parts (ms) {row['dispatch_parts_ms']}", flush=True)
+                      f"exchange {row['exchange']}, page-locked {row['pinned']}, dispatch parts (ms) {row['dispatch_parts_ms']}",
+                      flush=True)
                 self._save()
             if extra_lora := [c for c in cases if c[3]]:
                 self.results["lora_ab"] = self.lora_ab(patcher, extra_lora[0][0])

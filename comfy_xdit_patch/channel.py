@@ -259,6 +259,11 @@ class DriverChannel:
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"rank {rank} went away ({e!r})") from e
 
+    @property
+    def pinned(self) -> tuple[bool, bool]:
+        """Whether the memory requests are written to, and rank 0's replies read from, is page-locked."""
+        return self._outbox.pinned, self._inboxes[0].pinned
+
     def close(self) -> None:
         for conn in self._conns:
             if conn is not None:
@@ -322,12 +327,13 @@ class WorkerChannel:
             self.inbound_bytes += size
             if self._dev is None or self._dev.buf.numel() < size:
                 self._dev = Views(torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=self.device))
+            dev = self._dev.get([(0, (size,), torch.uint8)])[0]
             if shared or self.rank == 0:
-                host = self._inbox.take(self._conn, desc).buf
-                self._dev.buf[:size].copy_(host[:size], non_blocking=True)
+                host = self._inbox.take(self._conn, desc)
+                dev.copy_(host.get([(0, (size,), torch.uint8)])[0], non_blocking=True)
             if not shared:
                 # NOTE: collective; every rank got the same header, so every rank reaches it.
-                self._broadcast(self._dev.buf[:size])
+                self._broadcast(dev)
             sent = [i for i, m in enumerate(metas) if m.offset >= 0]
             for i, v in zip(sent, self._dev.get((metas[i].offset, metas[i].shape, metas[i].dtype) for i in sent)):
                 tensors[i] = v
@@ -353,6 +359,11 @@ class WorkerChannel:
         if trailing is not None:
             self._conn.send_bytes(trailing.numpy())
         self.reply_seconds += time.perf_counter() - t0
+
+    @property
+    def pinned(self) -> tuple[bool, bool]:
+        """Whether the memory requests are read from, and replies written to, is page-locked."""
+        return self._inbox.pinned, self._outbox.pinned
 
     def fail(self, seq: int, message: str, status: str = "error") -> None:
         transport.send([self._conn], (seq, status, message, None))

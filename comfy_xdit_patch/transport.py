@@ -43,6 +43,9 @@ class _Unpickler(pickle.Unpickler):
 
 
 def dumps(obj) -> tuple[bytes, list]:
+    """(skeleton, tensors); a bare tensor (a model call's output) has an empty skeleton."""
+    if isinstance(obj, torch.Tensor):
+        return b"", [obj]
     tensors: list[torch.Tensor] = []
     buf = io.BytesIO()
     _Pickler(buf, tensors).dump(obj)
@@ -50,6 +53,8 @@ def dumps(obj) -> tuple[bytes, list]:
 
 
 def loads(data: bytes, tensors: list):
+    if not data:
+        return tensors[0]
     return _Unpickler(io.BytesIO(data), tensors).load()
 
 
@@ -200,10 +205,14 @@ class Outbox:
                 self._plans.clear()
             plan = self._plans[key] = (offsets, size, views, None if self.shared else buf[:size])
         offsets, size, views, trailing = plan
-        copy_all([(v, t.detach()) for v, t in zip(views, staged)],
+        copy_all([(v, t.detach() if t.requires_grad else t) for v, t in zip(views, staged)],
                  self._map.pinned if self.shared else torch.cuda.is_available())
         desc = ("shm", self._map.seg.name, size) if self.shared else ("bytes", size)
         return offsets, desc, views, trailing
+
+    @property
+    def pinned(self) -> bool:
+        return self._map.pinned if self._map is not None else self._buf is not None and self._buf.is_pinned()
 
     def close(self) -> None:
         self._plans.clear()

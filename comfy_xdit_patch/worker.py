@@ -210,7 +210,7 @@ class Worker:
                "launch_seconds": self.launch,
                "launch_parts_seconds": dict(self.graphs.seconds if self.graphs else {}, prelude=self.prelude),
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
-               "clock": dict(self.clock),
+               "clock": dict(self.clock), "pinned": self.channel.pinned,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
         if reset:
             self.counters["calls"], self.busy, self.gpu_busy, self.launch, self.prelude = 0, 0.0, 0.0, 0.0, 0.0
