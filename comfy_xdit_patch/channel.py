@@ -286,8 +286,12 @@ class WorkerChannel:
     """A rank's end. recv() gives every rank the same (seq, op, body) with tensors on `device`."""
 
     def __init__(self, address, authkey: bytes, rank: int, device: torch.device, broadcast: Callable,
-                 shared: bool):
+                 shared: bool, transient: tuple[str, ...] = ()):
+        """transient: ops whose tensors nothing keeps past the request (a model call's inputs): they are
+        copied into a device buffer the next request reuses. Other requests' tensors (a LoRA's, in
+        `prepare`) get memory of their own."""
         self.rank = rank
+        self.transient = transient
         self.device = device
         self._broadcast = broadcast  # broadcast(tensor, src=0), collective over all ranks
         self._conn = Client(address, authkey=authkey)
@@ -302,7 +306,7 @@ class WorkerChannel:
         self.spin = SPIN_MAX if device.type == "cuda" else 0.0
         self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
         self.inbound_bytes = 0  # tensor bytes that crossed (cached tensors cross once)
-        self._dev: Views | None = None  # the device buffer requests' tensors are copied into
+        self._dev: Views | None = None  # the device buffer transient requests' tensors are copied into
         self.arrived = 0.0  # when the last header was read
         self.replying = 0.0  # when the last reply was staged, about to be sent
         self.reply_seconds = 0.0  # staging and sending replies
@@ -320,14 +324,18 @@ class WorkerChannel:
             # writes it again only after rank 0's reply, which no rank's work can precede: each rank's
             # copy is queued before its first collective (every request but `call` is answered by every
             # rank). Across hosts only rank 0 gets the bytes, and broadcasts them.
-            # Into a device buffer of its own either way, reused by the next request (the model call that
-            # reads it is done by then); what the cache keeps is copied out of it.
+            # Into device memory of its own either way; for a transient op a buffer the next request
+            # reuses (the model call that reads it is done by then), what the cache keeps copied out.
             shared = desc[0] == "shm"
             size = desc[-1]
             self.inbound_bytes += size
-            if self._dev is None or self._dev.buf.numel() < size:
-                self._dev = Views(torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=self.device))
-            dev = self._dev.get([(0, (size,), torch.uint8)])[0]
+            if op not in self.transient:
+                into = Views(torch.empty(size, dtype=torch.uint8, device=self.device))
+            else:
+                if self._dev is None or self._dev.buf.numel() < size:
+                    self._dev = Views(torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=self.device))
+                into = self._dev
+            dev = into.get([(0, (size,), torch.uint8)])[0]
             if shared or self.rank == 0:
                 host = self._inbox.take(self._conn, desc)
                 dev.copy_(host.get([(0, (size,), torch.uint8)])[0], non_blocking=True)
@@ -335,7 +343,7 @@ class WorkerChannel:
                 # NOTE: collective; every rank got the same header, so every rank reaches it.
                 self._broadcast(dev)
             sent = [i for i, m in enumerate(metas) if m.offset >= 0]
-            for i, v in zip(sent, self._dev.get((metas[i].offset, metas[i].shape, metas[i].dtype) for i in sent)):
+            for i, v in zip(sent, into.get((metas[i].offset, metas[i].shape, metas[i].dtype) for i in sent)):
                 tensors[i] = v
         for i, m in enumerate(metas):
             if m.offset < 0:

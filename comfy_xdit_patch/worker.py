@@ -172,7 +172,7 @@ class Worker:
 
         self._on_device()
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
-                                               lambda t: dist.broadcast(t, src=0), shared)
+                                               lambda t: dist.broadcast(t, src=0), shared, transient=("call",))
         handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe,
                     "profile": self.profile, "pyprofile": self.pyprofile}
         while True:

@@ -21,14 +21,18 @@ def _rank(address, authkey, rank, shared, store, device, spin):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    ch = WorkerChannel(address, authkey, rank, device, lambda t: dist.broadcast(t, src=0), shared)
+    ch = WorkerChannel(address, authkey, rank, device, lambda t: dist.broadcast(t, src=0), shared,
+                       transient=("call",))
     ch.spin = SPIN_MAX if spin else 0.0
+    held = None
     while True:
         try:
-            seq, _, body = ch.recv()
+            seq, op, body = ch.recv()
         except EOFError:
             return
-        ch.reply(seq, (body, ch.inbound_bytes))
+        if op == "hold":  # kept past the request, as a LoRA's tensors in a `prepare` are
+            held = body
+        ch.reply(seq, held if op == "show" else (body, ch.inbound_bytes))
 
 
 @pytest.fixture(params=["one host", "one host, polling", "across hosts"])
@@ -63,7 +67,7 @@ def test_tensors_cross_once_and_again_when_they_change(channel):
         x = torch.randn(1, 16, 8, 8, generator=g).to(DEVICE)
         sent = {"x": x, "args": (torch.tensor([0.5], device=DEVICE), context.clone()), "y": pooled, "n": 3}
         kept = sent["args"][1]
-        replies = channel.request("echo", sent, all_reply=True, keep=[kept, pooled], device=DEVICE)
+        replies = channel.request("call", sent, all_reply=True, keep=[kept, pooled], device=DEVICE)
         for rank, (got, total) in replies.items():
             assert got.keys() == sent.keys() and got["n"] == 3
             for a, b in ((got["x"], x), (got["args"][0], sent["args"][0]), (got["args"][1], context),
@@ -81,7 +85,17 @@ def test_tensors_cross_once_and_again_when_they_change(channel):
 
 def test_reply_lands_on_the_requested_device_and_keeps_its_dtype(channel):
     x = torch.arange(12, dtype=torch.float16, device=DEVICE).reshape(3, 4).t()  # not contiguous
-    replies = channel.request("echo", [x, None, "s"], all_reply=True, device=torch.device("cpu"))
+    replies = channel.request("call", [x, None, "s"], all_reply=True, device=torch.device("cpu"))
     for got, _ in replies.values():
         assert got[1:] == [None, "s"] and got[0].dtype == torch.float16 and got[0].device.type == "cpu"
         assert torch.equal(got[0], x.cpu())
+
+
+def test_what_a_rank_keeps_survives_later_calls(channel):
+    """Only a model call's tensors may live in memory the next request reuses."""
+    kept = torch.arange(4096, dtype=torch.float32, device=DEVICE)
+    channel.request("hold", {"lora": kept}, all_reply=True)
+    for _ in range(2):
+        channel.request("call", torch.zeros(4096, device=DEVICE), all_reply=True)
+    for got in channel.request("show", None, all_reply=True).values():
+        assert torch.equal(got["lora"], kept.cpu())
