@@ -155,7 +155,7 @@ class DriverChannel:
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, hits[i]))
             else:
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, where[i], self._store(t) if id(t) in big else -1))
-        return metas, (desc if sent else None), trailing
+        return (metas, desc, trailing) if sent else (metas, None, None)
 
     def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,
                 alive: Callable[[], None] = lambda: None, interrupted: Callable[[], None] = lambda: None,
@@ -288,8 +288,9 @@ class WorkerChannel:
     def __init__(self, address, authkey: bytes, rank: int, device: torch.device, broadcast: Callable,
                  shared: bool, transient: tuple[str, ...] = ()):
         """transient: ops whose tensors nothing keeps past the request (a model call's inputs): they are
-        copied into a device buffer the next request reuses. Other requests' tensors (a LoRA's, in
-        `prepare`) get memory of their own."""
+        copied into a device buffer the next request reuses, the same views at the same addresses each
+        step, so nothing on the rank may compare a call's inputs with the last call's by reference.
+        Other requests' tensors (a LoRA's, in `prepare`) get memory of their own."""
         self.rank = rank
         self.transient = transient
         self.device = device
@@ -338,7 +339,8 @@ class WorkerChannel:
             dev = into.get([(0, (size,), torch.uint8)])[0]
             if shared or self.rank == 0:
                 host = self._inbox.take(self._conn, desc)
-                dev.copy_(host.get([(0, (size,), torch.uint8)])[0], non_blocking=True)
+                # queued for a model call, which waits for its device before its reply; others wait here
+                dev.copy_(host.get([(0, (size,), torch.uint8)])[0], non_blocking=op in self.transient)
             if not shared:
                 # NOTE: collective; every rank got the same header, so every rank reaches it.
                 self._broadcast(dev)

@@ -156,9 +156,10 @@ class _Mapping:
         if self.pinned:
             _unpin(self.view)
         self.view = None
+        # NOTE: views made from `view` (Views) don't keep the mapping: their owners drop them first
         try:
             self.seg.close()
-        except BufferError:  # a caller still holds a view: the mapping goes when it does
+        except BufferError:
             pass
         if unlink:
             try:
@@ -234,6 +235,7 @@ class Inbox:
         self._views: Views | None = None
         self.pinned = False  # page-locked
         self._pending = None  # CUDA event after copies out of the writer's memory that may still run
+        self._events: dict = {}  # device -> its event
 
     def take(self, conn, desc) -> Views:
         """The message's bytes, as typed views (see Views.get)."""
@@ -259,9 +261,10 @@ class Inbox:
         if device.type != "cuda" or not self.pinned:
             return [v.to(device, copy=True) for v in views]
         out = [v.to(device, copy=True, non_blocking=True) for v in views]
-        if self._pending is None:
-            self._pending = torch.cuda.Event()
-        self._pending.record()
+        if device not in self._events:  # an event belongs to the device it was first recorded on
+            self._events[device] = torch.cuda.Event()
+        self._pending = self._events[device]
+        self._pending.record(torch.cuda.current_stream(device))  # where the copies were queued
         return out
 
     def settle(self) -> None:

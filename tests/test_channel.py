@@ -99,3 +99,12 @@ def test_what_a_rank_keeps_survives_later_calls(channel):
         channel.request("call", torch.zeros(4096, device=DEVICE), all_reply=True)
     for got in channel.request("show", None, all_reply=True).values():
         assert torch.equal(got["lora"], kept.cpu())
+
+
+def test_a_request_whose_tensors_are_all_cached(channel):
+    """Nothing crosses after the first time (across hosts: no empty payload follows the header)."""
+    context = torch.randn(1, 64, 512, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for _ in range(3):
+        sent = context.clone()
+        for got, _ in channel.request("call", {"c": sent}, all_reply=True, keep=[sent]).values():
+            assert torch.equal(got["c"].cpu(), context.cpu())
