@@ -120,9 +120,13 @@ class DriverChannel:
         self._rank_of = {conn.fileno(): rank for rank, conn in enumerate(self._conns)}
 
 
-    def _store(self, t: torch.Tensor) -> int:
+    def _store(self, t: torch.Tensor, used: set) -> int:
+        """The slot t is cached in from now, or -1; never one of `used` (this request reads them)."""
         if not self._free:
-            old, _ = self._slots.popitem(last=False)
+            old = next((slot for slot in self._slots if slot not in used), None)
+            if old is None:
+                return -1
+            del self._slots[old]
             self._free.append(old)
         slot = self._free.pop()
         self._slots[slot] = t.detach().clone()
@@ -154,7 +158,8 @@ class DriverChannel:
             if i in hits:
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, hits[i]))
             else:
-                metas.append(TensorMeta(tuple(t.shape), t.dtype, where[i], self._store(t) if id(t) in big else -1))
+                slot = self._store(t, set(hits.values())) if id(t) in big else -1
+                metas.append(TensorMeta(tuple(t.shape), t.dtype, where[i], slot))
         return (metas, desc, trailing) if sent else (metas, None, None)
 
     def request(self, op: str, body: Any = None, all_reply: bool = False, timeout: float = 60.0,

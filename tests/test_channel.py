@@ -108,3 +108,13 @@ def test_a_request_whose_tensors_are_all_cached(channel):
         sent = context.clone()
         for got, _ in channel.request("call", {"c": sent}, all_reply=True, keep=[sent]).values():
             assert torch.equal(got["c"].cpu(), context.cpu())
+
+
+def test_a_new_tensor_never_takes_the_slot_of_one_read_in_the_same_request(channel):
+    """Eight kept tensors fill the cache; a ninth comes first in the next request, beside the eight."""
+    g = torch.Generator().manual_seed(4)
+    kept = [torch.randn(1, 64 + i, 256, generator=g).to(DEVICE) for i in range(9)]
+    for body in (kept[1:], kept[:1] + kept[1:]):
+        sent = [t.clone() for t in body]
+        for got, _ in channel.request("call", sent, all_reply=True, keep=sent).values():
+            assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got, body))
