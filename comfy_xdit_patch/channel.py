@@ -32,8 +32,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
 from . import transport
+from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
 from .transport import Inbox, Outbox, Views
 
 _CACHE_SLOTS = 8
@@ -119,7 +119,6 @@ class DriverChannel:
             self._poller.register(conn.fileno(), select.POLLIN)
         self._rank_of = {conn.fileno(): rank for rank, conn in enumerate(self._conns)}
 
-
     def _store(self, t: torch.Tensor, used: set) -> int:
         """The slot t is cached in from now, or -1; never one of `used` (this request reads them)."""
         if not self._free:
@@ -153,12 +152,13 @@ class DriverChannel:
             sent = sorted(sent + list(checked - hits.keys()))
             offsets, desc, _, trailing = self._outbox.stage([tensors[i] for i in sent])
         where = dict(zip(sent, offsets))
+        read = set(hits.values())
         metas = []
         for i, t in enumerate(tensors):
             if i in hits:
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, -1, hits[i]))
             else:
-                slot = self._store(t, set(hits.values())) if id(t) in big else -1
+                slot = self._store(t, read) if id(t) in big else -1
                 metas.append(TensorMeta(tuple(t.shape), t.dtype, where[i], slot))
         return (metas, desc, trailing) if sent else (metas, None, None)
 

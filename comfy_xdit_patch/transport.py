@@ -177,6 +177,7 @@ class Outbox:
         self._map: _Mapping | None = None
         self._buf: torch.Tensor | None = None  # across hosts
         self._plans: dict = {}  # (count, shapes and dtypes) -> offsets, sizes, views
+        self.pinned = False  # the memory staged into is page-locked
 
     def _room(self, total: int) -> None:
         have = self._map.seg.size if self._map is not None else self._buf.numel() if self._buf is not None else 0
@@ -186,8 +187,10 @@ class Outbox:
         size = max(total, 1 << 20)
         if self.shared:
             self._map = _Mapping(shared_memory.SharedMemory(create=True, size=size))
+            self.pinned = self._map.pinned
         else:
-            self._buf = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self.pinned = torch.cuda.is_available()
+            self._buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
 
     def stage(self, tensors: list[torch.Tensor], extra: list[torch.Tensor] = ()):
         """Copy tensors (then `extra`, which the writer reads back itself and the reader never sees) in.
@@ -206,18 +209,14 @@ class Outbox:
                 self._plans.clear()
             plan = self._plans[key] = (offsets, size, views, None if self.shared else buf[:size])
         offsets, size, views, trailing = plan
-        copy_all([(v, t.detach() if t.requires_grad else t) for v, t in zip(views, staged)],
-                 self._map.pinned if self.shared else torch.cuda.is_available())
+        copy_all([(v, t.detach() if t.requires_grad else t) for v, t in zip(views, staged)], self.pinned)
         desc = ("shm", self._map.seg.name, size) if self.shared else ("bytes", size)
         return offsets, desc, views, trailing
-
-    @property
-    def pinned(self) -> bool:
-        return self._map.pinned if self._map is not None else self._buf is not None and self._buf.is_pinned()
 
     def close(self) -> None:
         self._plans.clear()
         self._buf = None
+        self.pinned = False
         if self._map is not None:
             self._map.close(unlink=True)
             self._map = None

@@ -119,6 +119,7 @@ class Worker:
         self.gpu_busy = 0.0  # the GPU's span of those calls (CUDA events)
         self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
         self.prelude = 0.0  # of which: before the model runs or its graph is replayed
+        self._marks = None  # CUDA events around a call (its GPU span), made once
         self._profiles: list = []  # (directory, mode) for the next calls, see profile()
         self._pyprof = None  # cProfile of the serving loop, see pyprofile()
         self.clock = collections.Counter()  # sums of instants per op: header read, reply sent (DriverChannel.clock)
@@ -375,7 +376,9 @@ class Worker:
 
         cuda = self.device.type == "cuda"
         if cuda:  # the GPU's span of this call, against its wall time: what is not GPU work shows
-            marks = [self.torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            if self._marks is None:
+                self._marks = [self.torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            marks = self._marks
             marks[0].record()
         self.prelude += time.perf_counter() - t0
         if self._profiles:
