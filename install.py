@@ -91,7 +91,7 @@ def main() -> None:
         register(os.path.join(base, "custom_nodes"))
     if a.demo is not None:
         env = dict(os.environ, COMFYUI_PATH=comfy)
-        raise SystemExit(subprocess.call([sys.executable, "-m", "comfy_xdit_patch.cli", "demo", *a.demo],
+        raise SystemExit(subprocess.call([sys.executable, "-m", "comfy_xdit_patch.tools.cli", "demo", *a.demo],
                                          cwd=HERE, env=env))
 
 

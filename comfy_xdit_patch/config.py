@@ -1,6 +1,6 @@
 """Every environment variable the plugin reads, in one table, parsed once into a frozen Config.
 
-The README's variable table is generated from ENV_VARS (`python -m comfy_xdit_patch.cli env-table`),
+The README's variable table is generated from ENV_VARS (`python -m comfy_xdit_patch.tools.cli env-table`),
 and a test keeps the two in step.
 """
 from __future__ import annotations

@@ -332,7 +332,7 @@ class Worker:
         """cProfile this rank's serving loop from now (on), or stop and return its table (bench --profile)."""
         import cProfile
 
-        from .profiling import table
+        from .tools.profiling import table
 
         prof, self._pyprof = self._pyprof, cProfile.Profile() if on else None
         return "armed" if on else table(prof)
@@ -382,7 +382,7 @@ class Worker:
             marks[0].record()
         self.prelude += time.perf_counter() - t0
         if self._profiles:
-            from .profiling import profiled
+            from .tools.profiling import profiled
 
             directory, mode = self._profiles.pop(0)
             with profiled(os.path.join(directory, f"rank{self.rank}-{mode}"), trace=self.rank == 0):

@@ -42,7 +42,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux(models_dir) -> str:
     """A FLUX.1-dev-shaped checkpoint: 2 heads, 1 double + 2 single blocks, guidance embedding."""
-    from comfy_xdit_patch import synthetic
+    from comfy_xdit_patch.tools import synthetic
 
     return synthetic.save(synthetic.tiny_flux(seed=0), os.path.join(models_dir, "tiny_flux_dev.safetensors"))
 
@@ -136,7 +136,7 @@ def node(cls, **inputs):
 @pytest.fixture(scope="session")
 def flux_file(models_dir):
     """flux_file(**tiny_flux params) -> path of a tiny FLUX checkpoint made once per session."""
-    from comfy_xdit_patch import synthetic
+    from comfy_xdit_patch.tools import synthetic
 
     made = {}
 

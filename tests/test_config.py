@@ -49,7 +49,7 @@ def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
 
 def test_readme_lists_every_variable():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    assert cfg.markdown_table() in readme, "README's variable table is stale: python -m comfy_xdit_patch.cli env-table"
+    assert cfg.markdown_table() in readme, "README's variable table is stale: python -m comfy_xdit_patch.tools.cli env-table"
 
 
 def test_peer_copies_need_gpus():

@@ -1,7 +1,7 @@
 """The kernel-profile summary the benchmark writes (--kernel-profile): kernels land in the right kind."""
 import types
 
-from comfy_xdit_patch import profiling
+from comfy_xdit_patch.tools import profiling
 
 
 def _event(name, us, device="CUDA"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_xdit_patch import headless, synthetic
+from comfy_xdit_patch.tools import headless, synthetic
 from conftest import COMFYUI, REPO
 
 

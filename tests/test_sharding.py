@@ -175,7 +175,7 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
 
 @pytest.fixture(scope="module")
 def flux4(tmp_path_factory):
-    from comfy_xdit_patch import synthetic
+    from comfy_xdit_patch.tools import synthetic
 
     return synthetic.save(synthetic.tiny_flux(heads=4, depth=2, single=2, seed=3),
                           os.path.join(tmp_path_factory.mktemp("m"), "flux4.safetensors"))

@@ -13,7 +13,7 @@ from comfy_extras import nodes_custom_sampler as ncs
 from comfy_extras import nodes_edit_model, nodes_flux, nodes_model_advanced
 
 import tiny
-from comfy_xdit_patch import synthetic
+from comfy_xdit_patch.tools import synthetic
 from conftest import TOL, ksample, node, sample
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_xdit_patch import synthetic
+from comfy_xdit_patch.tools import synthetic
 
 CONTEXT_DIM = synthetic.TINY_CONTEXT_DIM
 

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from . import headless, locate, synthetic
+from .. import locate
+from . import headless, synthetic
 
 
 def _place(src: str, folder: str) -> str:

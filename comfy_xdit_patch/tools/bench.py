@@ -18,7 +18,8 @@ import os
 import platform
 import time
 
-from . import locate, plot
+from .. import locate
+from . import plot
 
 
 def _args(argv):
@@ -173,7 +174,7 @@ class Bench:
         return latents
 
     def config(self, workers: int, parallel: str, env: dict):
-        from . import config as cfgmod
+        from .. import config as cfgmod
 
         settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
                     **env}
@@ -182,7 +183,7 @@ class Bench:
     def prestart(self, workers: int, env: dict):
         """As ComfyUI's start does (COMFY_XDIT_PRESTART): the group starts while the weights are written
         and ComfyUI alone is timed, before the plugin is attached."""
-        from .router import Router
+        from ..router import Router
 
         router = Router(self.config(workers, "", env))
         router.prestart()
@@ -190,7 +191,7 @@ class Bench:
 
     def plugin(self, patcher, workers: int, parallel: str, env: dict, latents: dict, label: str,
                cfgs: list | None = None, early=None) -> None:
-        from . import patch
+        from .. import patch
 
         torch = self.torch
 
@@ -322,7 +323,7 @@ class Bench:
 
     def _a2a(self, group, router, size: int, cfg: float) -> float:
         """Per-step time of this layout's all-to-alls alone (what the attention exchange costs)."""
-        from . import plans
+        from .. import plans
 
         tokens = (8 if self.a.tiny else 512) + (size // 16) ** 2
         batch = 2 if cfg != 1 else 1

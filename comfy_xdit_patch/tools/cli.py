@@ -6,7 +6,7 @@ import sys
 
 
 def _doctor(_args) -> int:
-    from . import config, locate
+    from .. import config, locate
 
     root = locate.find_comfyui()
     print(f"ComfyUI: {root or 'NOT FOUND - ' + locate.HOW_TO_GET}")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return demo.run(a)
     if a.cmd == "doctor":
         return _doctor(a)
-    from . import config
+    from .. import config
 
     if not a.write:
         print(config.markdown_table())
