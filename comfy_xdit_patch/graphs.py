@@ -15,34 +15,18 @@ import logging
 import time
 
 import torch
+import torch.utils._pytree as pytree
 
 log = logging.getLogger("comfy_xdit_patch.worker")
 
 
-def _flatten(obj, out: list, sig: list):
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        sig.append(("T", tuple(obj.shape), obj.dtype, obj.device))
-    elif isinstance(obj, (list, tuple)):
-        sig.append((type(obj).__name__, len(obj)))
-        for v in obj:
-            _flatten(v, out, sig)
-    elif isinstance(obj, dict):
-        sig.append(("dict", tuple(obj)))
-        for v in obj.values():
-            _flatten(v, out, sig)
-    else:
-        sig.append(repr(obj))
-
-
-def _clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    return obj
+def _signature(key, inputs) -> tuple[tuple, list]:
+    """(signature, tensors): the call's structure, tensor shapes/dtypes/devices and plain values, and its
+    tensors in pytree order."""
+    leaves, spec = pytree.tree_flatten(inputs)
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+    return (key, str(spec), described), tensors
 
 
 class CallGraphs:
@@ -58,9 +42,7 @@ class CallGraphs:
         """fn(inputs) eagerly, or through this signature's graph. The returned tensor is the graph's
         output buffer: read it before the next call."""
         t0 = time.perf_counter()
-        tensors, sig = [], [key]
-        _flatten(inputs, tensors, sig)
-        sig = tuple(sig)
+        sig, tensors = _signature(key, inputs)
         state = self._entries.get(sig)
         t1 = time.perf_counter()
         if state is None or state == "eager":
@@ -91,9 +73,8 @@ class CallGraphs:
             self._entries.popitem(last=False)
 
     def _capture(self, sig, fn, inputs):
-        static = _clone(inputs)
-        static_tensors: list = []
-        _flatten(static, static_tensors, [])
+        static = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, inputs)
+        _, static_tensors = _signature(None, static)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:

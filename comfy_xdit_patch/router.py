@@ -51,7 +51,6 @@ class Router:
         self.group = None
         self.run: Run | None = None
         self.stats = collections.Counter()
-        self.timing = collections.Counter()  # seconds spent in routed calls, as ComfyUI's process sees them
         self.tuner = ChunkTuner(config.a2a_chunks)
         self.disabled: str | None = None
         self.restarts = 0
@@ -130,7 +129,7 @@ class Router:
         comfy.model_management.unload_model_and_clones(run.patcher, unload_additional_models=False)
         forced = self.config.parallel
         if forced is not None:  # an impossible forced layout is refused before sampling starts
-            plans.layout.choose_mesh(forced.world, forced.cfg, plans.heads(run.plan, run.patcher.model.diffusion_model),
+            plans.layout.choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
                                      forced, ring_ok=True, gather=self.config.attention == "gather")
         group = self._group()
         run.spec = spec_for(run.patcher)
@@ -157,7 +156,7 @@ class Router:
             if self.group is None:
                 from .group import WorkerGroup
 
-                group = WorkerGroup(self.config, self.config.use_gpu)
+                group = WorkerGroup(self.config)
                 try:
                     group.start()
                 except BaseException:
@@ -191,26 +190,23 @@ class Router:
         if run is None or run.local or not self.active:
             return self._local(executor, run, args, kwargs)
         model = executor.class_obj
-        entered = time.perf_counter()
         call = plans.check(run.plan, model, args, kwargs)
         try:
             if call.reason:
                 raise Unroutable(call.reason)
-            heads = plans.heads(run.plan, model)
+            heads = plans.head_count(run.plan, model)
             mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
                                             "yunchang" in self.group.attention, self.group.attention == "gather")
             shape = (tuple(args[0].shape), mesh)
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
             chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1
             t0 = time.perf_counter()
-            self.timing["route_seconds"] += t0 - entered
             out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call, args[0].device)
             seconds = time.perf_counter() - t0
         except Exception as e:
             self._failed(e, "a routed model call", run)
             return self._local(executor, run, args, kwargs)
         self.tuner.record(shape, chunks, seconds)
-        self.timing["call_seconds"] += seconds
         self.stats["routed_calls"] += 1
         self.stats[f"layout {mesh}"] += 1
         run.routed += 1

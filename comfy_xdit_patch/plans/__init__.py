@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import layout
 from .layout import LayoutError, Mesh
@@ -29,7 +30,7 @@ class Plan:
     txt: tuple[str, str]  # entry arguments: text tokens, text position ids
     img: tuple[str, str]  # entry arguments: image tokens (+ reference tokens), image position ids
     control: str  # entry argument holding ControlNet residuals over the image tokens
-    heads: str  # attribute with the attention head count
+    heads_attr: str  # attribute with the attention head count
     # (forward() argument, value that can't be routed or None for "any value but None", why)
     refuse: tuple[tuple[str, Any, str], ...] = ()
     # forward() arguments whose absent value comes from a model attribute (object patches can set it)
@@ -133,24 +134,14 @@ def check(plan: Plan, model, args: tuple, kwargs: dict) -> Checked:
     bound.arguments["transformer_options"] = options
     static = []
     for name in plan.static:
-        _map_tensors(bound.arguments.get(name, extra.get(name)), static.append)
+        static += [v for v in pytree.tree_leaves(bound.arguments.get(name, extra.get(name))) if isinstance(v, torch.Tensor)]
     return Checked(None, bound.args, bound.kwargs, static)
 
 
 # --- the worker's side: run one call over a mesh ---------------------------------------------------
 
-def heads(plan: Plan, model) -> int:
-    return int(getattr(model, plan.heads))
-
-
-def _map_tensors(obj, fn: Callable[[torch.Tensor], Any]):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+def head_count(plan: Plan, model) -> int:
+    return int(getattr(model, plan.heads_attr))
 
 
 def _split_batch(bound: inspect.BoundArguments, batch: int, span: tuple[int, int]) -> None:
@@ -159,7 +150,7 @@ def _split_batch(bound: inspect.BoundArguments, batch: int, span: tuple[int, int
 
     for name, value in bound.arguments.items():
         if name != "transformer_options":
-            bound.arguments[name] = _map_tensors(value, cut)
+            bound.arguments[name] = pytree.tree_map_only(torch.Tensor, cut, value)
 
 
 @contextlib.contextmanager
@@ -182,7 +173,8 @@ def _entered(plan: Plan, model, sp_group, sp_rank: int, sp_world: int, attention
         a[img], a[img_ids] = layout.take(a[img], me.img, me.pad), layout.take(a[img_ids], me.img, me.pad)
         if a.get(plan.control) is not None:
             local = me.img_len + me.pad
-            a[plan.control] = _map_tensors(a[plan.control], lambda r: layout.take_prefix(r, me.img, local))
+            a[plan.control] = pytree.tree_map_only(
+                torch.Tensor, lambda r: layout.take_prefix(r, me.img, local), a[plan.control])
         options = dict(a.get("transformer_options") or {})
         options["optimized_attention_override"] = attention(me)
         a["transformer_options"] = options
@@ -231,4 +223,4 @@ def gather_batch(local: torch.Tensor, spans, index: int, group) -> torch.Tensor:
     return torch.cat([p[: b - a] for p, (a, b) in zip(parts, spans)])
 
 
-__all__ = ["Plan", "plan_for", "check", "shard", "heads", "LayoutError", "Mesh"]
+__all__ = ["Plan", "plan_for", "check", "shard", "head_count", "LayoutError", "Mesh"]

@@ -11,7 +11,7 @@ _COMMON = dict(
     txt=("txt", "txt_ids"),
     img=("img", "img_ids"),
     control="control",
-    heads="num_heads",
+    heads_attr="num_heads",
     static=("context", "y", "ref_latents"),
     blocks=("double_blocks", "single_blocks"),
 )

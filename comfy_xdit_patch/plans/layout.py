@@ -1,7 +1,7 @@
 """How one joint sequence [txt; img] is shared out among the ranks of a sequence-parallel group.
 
 Every rank gets a contiguous piece of the text tokens and a contiguous piece of the image tokens,
-and all ranks hold the same number of tokens (`chunk`), so the all-to-all is even. When the total
+and all ranks hold the same number of tokens (`Shard.tokens`), so the all-to-all is even. When the total
 does not divide, only the LAST rank carries `pad` filler tokens at the very end of its piece.
 After the all-to-all the filler therefore sits at the end of the gathered sequence, where the
 attention drops it from the keys (see attention.ulysses): the result stays exact for any size.
@@ -25,7 +25,7 @@ class Shard:
     txt: tuple[int, int]  # [start, stop) into the text tokens
     img: tuple[int, int]  # [start, stop) into the image tokens (incl. reference tokens)
     pad: int  # filler tokens after this rank's image piece (last rank only)
-    chunk: int  # tokens every rank holds, filler included
+    tokens: int  # tokens every rank holds, filler included
     total: int  # real tokens, txt + img
 
     @property
@@ -36,21 +36,21 @@ class Shard:
 def split(txt_total: int, img_total: int, world: int) -> list[Shard]:
     """Share txt_total text and img_total image tokens out among `world` ranks."""
     total = txt_total + img_total
-    chunk = -(-total // world)
+    per_rank = -(-total // world)
     # NOTE: every rank needs >= 1 text and >= 1 image token: ComfyUI's blocks reshape each stream
     # with view(..., -1), which fails on an empty piece.
     if txt_total < world or img_total < world:
         raise LayoutError(f"{txt_total} text / {img_total} image tokens can't be split over {world} ranks")
     txt_sizes = [txt_total // world + (1 if r < txt_total % world else 0) for r in range(world)]
-    img_sizes = [chunk - t for t in txt_sizes[:-1]]
+    img_sizes = [per_rank - t for t in txt_sizes[:-1]]
     img_sizes.append(img_total - sum(img_sizes))
-    pad = chunk - txt_sizes[-1] - img_sizes[-1]
+    pad = per_rank - txt_sizes[-1] - img_sizes[-1]
     if img_sizes[-1] < 1 or pad < 0:
         raise LayoutError(f"{txt_total} text / {img_total} image tokens can't be split evenly over {world} ranks")
     shards, t0, i0 = [], 0, 0
     for r in range(world):
         shards.append(Shard(r, world, (t0, t0 + txt_sizes[r]), (i0, i0 + img_sizes[r]),
-                            pad if r == world - 1 else 0, chunk, total))
+                            pad if r == world - 1 else 0, per_rank, total))
         t0, i0 = t0 + txt_sizes[r], i0 + img_sizes[r]
     return shards
 
