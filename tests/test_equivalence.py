@@ -24,5 +24,8 @@ def test_forced_layout_reaches_the_workers(compare, router, load_flux, tiny_flux
 
     monkeypatch.setattr(router, "config", dataclasses.replace(router.config, parallel=Mesh(ulysses=2)))
     model = load_flux(tiny_flux)
-    compare(lambda: ksample(model, tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48), cfg=3.5))
+    forced, auto = router.stats["layout cfg=1,ulysses=2,ring=1"], router.stats["layout cfg=2,ulysses=1,ring=1"]
+    _, _, calls = compare(lambda: ksample(model, tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48), cfg=3.5))
+    assert router.stats["layout cfg=1,ulysses=2,ring=1"] == forced + calls  # every call took the forced layout
+    assert router.stats["layout cfg=2,ulysses=1,ring=1"] == auto
 

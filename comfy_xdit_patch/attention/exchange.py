@@ -1,4 +1,4 @@
-"""The all-to-all under Ulysses (and K/V gather) attention, behind one interface, two transports
+"""The all-to-all under Ulysses (and K/V gather) attention, behind one interface, two kinds
 (and a diagnostic).
 
 `start(sends)` takes tensors shaped (world, ...) whose piece j goes to rank j of the group, and
@@ -158,7 +158,7 @@ def make(group, device: torch.device, request: str = "collective"):
     except Exception as e:  # e.g. a rank that can't map its peers' memory
         ok, why = 0, f"{type(e).__name__}: {e}"
     flag = torch.tensor([ok], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same transport
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same kind
     if flag.item():
         return exchange
     if request == "peer-copy":

@@ -1,6 +1,6 @@
 """Ulysses attention over an all-to-all exchange (attention.exchange: NCCL / gloo, or GPU peer copies).
 
-Each rank holds `chunk` tokens of every head. All-to-alls of q, k and v give every rank the whole
+Each rank holds `Shard.tokens` tokens of every head. All-to-alls of q, k and v give every rank the whole
 sequence for heads/world of the heads; ComfyUI's own attention function runs on that; an all-to-all
 of the output brings each token's result back to its rank.
 
