@@ -35,7 +35,7 @@ def _worker_path() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
-def _init_ray(config: Config, use_gpu: bool) -> None:
+def _init_ray(config: Config) -> None:
     """Start or join Ray, once per process, on a thread of ours that lives as long as the process:
     Ray's own processes (GCS, raylet) die with the THREAD that started them (Linux's parent-death
     signal), and the caller may be a short-lived one (the prestart thread)."""
@@ -46,7 +46,7 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
 
     def keep():
         try:
-            _start_ray(config, use_gpu)
+            _start_ray(config)
         except BaseException as e:  # handed to the caller
             error.append(e)
         done.set()
@@ -59,7 +59,7 @@ def _init_ray(config: Config, use_gpu: bool) -> None:
         raise error[0]
 
 
-def _start_ray(config: Config, use_gpu: bool) -> None:
+def _start_ray(config: Config) -> None:
     """Start or join Ray; disconnect at exit if this plugin connected."""
     private = not config.ray_address
     if private:
@@ -83,7 +83,7 @@ def _start_ray(config: Config, use_gpu: bool) -> None:
     # CPU ranks mostly wait on each other; room for a second group (a restart beside a dying one)
     resources = {"num_cpus": max(os.cpu_count() or 1, 2 * config.workers)}
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if use_gpu and config.devices:
+    if config.use_gpu and config.devices:
         visible = saved.split(",") if saved else [str(i) for i in range(config.gpus)]
         # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only these.
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in config.devices)
@@ -102,9 +102,8 @@ def _start_ray(config: Config, use_gpu: bool) -> None:
 
 
 class WorkerGroup:
-    def __init__(self, config: Config, use_gpu: bool):
+    def __init__(self, config: Config):
         self.config = config
-        self.use_gpu = use_gpu
         self.world = config.workers
         self.actors: list = []
         self.pids: list[int] = []
@@ -124,14 +123,14 @@ class WorkerGroup:
                 raise StepTimeout(f"worker group did not start within {self.config.start_timeout:.0f}s")
             return remaining
 
-        _init_ray(self.config, self.use_gpu)
+        _init_ray(self.config)
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from .worker import Worker
 
-        bundle = {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
+        bundle = {"CPU": 1, "GPU": 1} if self.config.use_gpu else {"CPU": 1}
         self.pg = placement_group([bundle] * self.world, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=left())
@@ -139,11 +138,9 @@ class WorkerGroup:
             raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}") from e
         actor = ray.remote(Worker)
         self.actors = [
-            actor.options(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0, name=None,
+            actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            .remote(r, self.world, comfy_root(), self.use_gpu, self.config.attention, self.config.usp_kernel,
-                    self.config.sdpa, self.config.exchange, self.config.cuda_graphs, self.config.compile,
-                    self.config.model_cache)
+            .remote(r, self.world, comfy_root(), self.config)
             for r in range(self.world)
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=left())
@@ -154,7 +151,7 @@ class WorkerGroup:
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
         here = ray.util.get_node_ip_address()
         self.channel = channel_mod.DriverChannel(self.world, host=None if set(ips) == {here} else here)
-        if self.use_gpu:
+        if self.config.use_gpu:
             self.channel.spin_lead = channel_mod.SPIN_LEAD
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
@@ -162,7 +159,7 @@ class WorkerGroup:
         self.ready_at = time.perf_counter()
         self.start_seconds = self.ready_at - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
-                 "GPU" if self.use_gpu else "CPU", self.attention, self.start_seconds)
+                 "GPU" if self.config.use_gpu else "CPU", self.attention, self.start_seconds)
         return self
 
     def check_alive(self) -> None:
@@ -202,21 +199,6 @@ class WorkerGroup:
 
     def stats(self, reset: bool = False) -> list[dict]:
         replies = self.request("stats", reset, all_reply=True)
-        return [replies[r] for r in range(self.world)]
-
-    def probe(self, mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype) -> float:
-        """Seconds per step of the all-to-all exchanges alone, slowest rank."""
-        replies = self.request("probe", (mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype),
-                               all_reply=True)
-        return max(replies.values())
-
-    def profile(self, directory: str) -> None:
-        """Every rank profiles its next two calls (eager, then as usual) into `directory` (bench only)."""
-        self.request("profile", directory, all_reply=True)
-
-    def pyprofile(self, on: bool) -> list[str]:
-        """cProfile every rank's serving loop from now (on), or stop and get their tables (bench only)."""
-        replies = self.request("pyprofile", on, all_reply=True)
         return [replies[r] for r in range(self.world)]
 
     def shutdown(self) -> None:

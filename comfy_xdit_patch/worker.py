@@ -75,55 +75,48 @@ def _settle_heap() -> None:
 
 
 class Worker:
-    def __init__(self, rank: int, world: int, comfy_root: str, use_gpu: bool, attention: str, usp_kernel: str,
-                 sdpa: str, exchange: str, cuda_graphs: bool, compile_blocks: bool, model_cache: int):
+    def __init__(self, rank: int, world: int, comfy_root: str, config):
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
         import comfy.options  # noqa: F401  (argument parsing stays off: defaults)
         from comfy.cli_args import args
 
-        if not use_gpu:
+        if not config.use_gpu:
             args.cpu = True
         import torch
 
-        if not use_gpu:
+        if not config.use_gpu:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         else:
             torch.cuda.set_device(_ray_gpu_index())  # before ComfyUI picks its device: the current one
+        if config.compile:
+            from . import compile_cache
+
+            compile_cache.use(config.cache_dir, torch.cuda.get_device_name() if config.use_gpu else "cpu")
         import comfy.model_management as mm
 
         self.torch, self.mm = torch, mm
         self.rank, self.world = rank, world
+        self.config = config
         self.device = mm.get_torch_device()
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if config.cuda_graphs and self.device.type == "cuda":
             from .graphs import CallGraphs
 
             self.graphs = CallGraphs()
-        self.compile = compile_blocks
-        self.attention_request = attention
-        self.exchange_request = exchange
-        self.usp_kernel = usp_kernel
-        self.sdpa = sdpa
         self.attention = None
         self._store_socket = None
-        self.capacity = model_cache
         self.bases: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.loaded: dict[str, object] = {}  # spec key -> patched clone on the device
         self.current = None  # spec key last made current
         self.channel = None
         self.meshes: dict = {}
         self.counters = collections.Counter()
-        self.busy = 0.0  # seconds in model calls, device work included
-        self.gpu_busy = 0.0  # the GPU's span of those calls (CUDA events)
-        self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
-        self.prelude = 0.0  # of which: before the model runs or its graph is replayed
-        self._marks = None  # CUDA events around a call (its GPU span), made once
-        self._profiles: list = []  # (directory, mode) for the next calls, see profile()
-        self._pyprof = None  # cProfile of the serving loop, see pyprofile()
-        self.clock = collections.Counter()  # sums of instants per op: header read, reply sent (DriverChannel.clock)
+        self.last_call = None  # wall-clock time of the last model call
         self.load_seconds = 0.0
+        self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach}
+        self.diagnostics = None  # see attach()
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -156,7 +149,7 @@ class Worker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout, **kw)
         from . import attention
 
-        self.attention = attention.resolve(self.attention_request, self.device.type)
+        self.attention = attention.resolve(self.config.attention, self.device.type)
         return self.attention
 
     def where(self) -> tuple[int, str]:
@@ -174,11 +167,7 @@ class Worker:
         self._on_device()
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
                                                lambda t: dist.broadcast(t, src=0), shared, transient=("call",))
-        handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "probe": self.probe,
-                    "profile": self.profile, "pyprofile": self.pyprofile}
         while True:
-            if self._pyprof is not None:
-                self._pyprof.enable()
             try:
                 seq, op, body = channel.recv()
             except (EOFError, OSError):  # the driver closed the group (or went away)
@@ -186,52 +175,51 @@ class Worker:
                 return "closed"
             try:
                 with self.torch.inference_mode():
-                    result = handlers[op](body)
-                done = time.perf_counter()
+                    result = self.handlers[op](body)
                 if result is not None:
                     channel.reply(seq, result)
-                    done = channel.replying
-                self.clock[f"{op} arrived"] += channel.arrived
-                self.clock[f"{op} done"] += done
+                if self.diagnostics is not None:
+                    self.diagnostics.served(op)
             except LayoutError as e:  # every rank refuses alike, before any collective
                 channel.fail(seq, str(e), status="refused")
             except Exception as e:  # reported to the driver, which decides what happens to the group
                 log.error("request %s (%s) failed:\n%s", seq, op, traceback.format_exc())
                 channel.fail(seq, f"{type(e).__name__}: {e}")
-            if self._pyprof is not None:
-                self._pyprof.disable()
 
     # --- requests ---------------------------------------------------------------------------------
     def stats(self, reset) -> dict:
-        out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
+        """What this rank holds and has done (read on demand: the status endpoint, tests, the bench)."""
+        cuda = self.device.type == "cuda"
+        out = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
+               "gpu": self.torch.cuda.get_device_name(self.device) if cuda else None,
+               "attention": self.attention,
                "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
-               "calls": self.counters["calls"], "graph_replays": self.graphs.replays if self.graphs else 0,
+               "calls": self.counters["calls"], "last_call": self.last_call,
+               "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "busy_seconds": self.busy, "gpu_seconds": self.gpu_busy,
-               "launch_seconds": self.launch,
-               "launch_parts_seconds": dict(self.graphs.seconds if self.graphs else {}, prelude=self.prelude),
-               "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
-               "clock": dict(self.clock), "pinned": self.channel.pinned,
-               "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
+               "load_seconds": self.load_seconds, "models": list(self.bases),
+               "memory": self.torch.cuda.memory_allocated(self.device) if cuda else 0,
+               "max_memory": self.torch.cuda.max_memory_allocated(self.device) if cuda else 0}
+        if self.diagnostics is not None:
+            out.update(self.diagnostics.stats(reset))
         if reset:
-            self.counters["calls"], self.busy, self.gpu_busy, self.launch, self.prelude = 0, 0.0, 0.0, 0.0, 0.0
-            if self.graphs:
-                self.graphs.seconds.clear()
-            self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
-            self.clock.clear()
-            if self.device.type == "cuda":
+            self.counters["calls"] = 0
+            if cuda:
                 self.torch.cuda.reset_peak_memory_stats(self.device)
         return out
 
-    def _max_memory(self) -> int:
-        cuda = self.torch.cuda
-        return cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+    def attach(self, factory) -> str:
+        """Attach a diagnostics object made by `factory(worker)` (the bench's, by reference): its handlers
+        join this rank's, and it may wrap `call`. Never attached by default."""
+        self.diagnostics = factory(self)
+        self.handlers.update(self.diagnostics.handlers())
+        return "attached"
 
     def _base(self, spec):
         if spec.base_key in self.bases:
             self.bases.move_to_end(spec.base_key)
             return self.bases[spec.base_key]
-        while len(self.bases) >= self.capacity:
+        while len(self.bases) >= self.config.model_cache:
             old_key, old = self.bases.popitem(last=False)
             for key in [k for k, p in self.loaded.items() if p.model is old.model]:
                 del self.loaded[key]
@@ -271,12 +259,12 @@ class Worker:
 
     def _kernel_preference(self):
         """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""
-        if self.sdpa == "comfyui" or self.device.type != "cuda":
+        if self.config.sdpa == "comfyui" or self.device.type != "cuda":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[self.sdpa]
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[self.config.sdpa]
         order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b != first]
         return sdpa_kernel(order, set_priority=True)
@@ -288,73 +276,23 @@ class Worker:
             groups = build_groups(mesh, self.rank)
             exchange = None
             if mesh.sp > 1 and mesh.ring == 1:
-                exchange = attention.exchange.make(groups.sp, self.device, self.exchange_request)
+                exchange = attention.exchange.make(groups.sp, self.device, self.config.exchange)
                 self.counters[f"exchange {exchange.kind}"] += 1
-            make = attention.factory(self.attention, mesh, groups, self.usp_kernel, exchange)
+            make = attention.factory(self.attention, mesh, groups, self.config.usp_kernel, exchange)
             self.meshes[mesh] = (groups, make, exchange)
         return self.meshes[mesh]
 
-    def probe(self, body) -> float:
-        """Seconds per step of the sequence-parallel exchanges alone (attention replaced by nothing)."""
-        mesh, batch, chunk, heads, head_dim, blocks, chunks, reps, dtype = body
-        from .plans.layout import Shard
-
-        _, make, _ = self._groups(mesh)
-        shard = Shard(self.rank, mesh.sp, (0, 1), (1, chunk), 0, chunk, chunk * mesh.sp)
-        override = make(shard, chunks)
-        q = self.torch.randn(batch, heads, chunk, head_dim, device=self.device, dtype=dtype)
-
-        def nothing(q_, k_, v_, h, *a, **k):
-            return self.torch.empty(q_.shape[0], q_.shape[2], h * q_.shape[3], device=q_.device, dtype=q_.dtype)
-
-        def step():
-            for _ in range(blocks):
-                override(nothing, q, q, q, heads, skip_reshape=True)
-
-        step()
-        run, sync = step, (lambda: None)
-        if self.device.type == "cuda":  # time the GPU side, as the captured model calls run it
-            sync = self.torch.cuda.synchronize
-            sync()
-            graph = self.torch.cuda.CUDAGraph()
-            with self.torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-            run()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            run()
-        sync()
-        return (time.perf_counter() - t0) / reps
-
-    def pyprofile(self, on: bool) -> str:
-        """cProfile this rank's serving loop from now (on), or stop and return its table (bench --profile)."""
-        import cProfile
-
-        from .tools.profiling import table
-
-        prof, self._pyprof = self._pyprof, cProfile.Profile() if on else None
-        return "armed" if on else table(prof)
-
-    def profile(self, directory: str) -> str:
-        """Profile the next two calls with torch.profiler (one eager, one as usual), tables into `directory`."""
-        self._profiles = [(directory, "eager"), (directory, "graph")]
-        return "armed"
-
-    def call(self, body) -> object:
+    def runner(self, body, eager: bool = False):
+        """The model call of `body`, ready to run: a function of no arguments that returns the output."""
         from . import attention as attention_mod
         from . import plans
 
-        t0 = time.perf_counter()
-        captures = self.graphs.captures if self.graphs is not None else None
         key, family, mesh, chunks, args, kwargs = body
-        patcher = self.loaded[key]
-        model = patcher.model.diffusion_model
+        model = self.loaded[key].model.diffusion_model
         plan = plans.by_family(family)
         groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
-        if self.compile:
+        if self.config.compile:
             from . import compiled
 
             self.counters["compiled blocks"] += compiled.compile_blocks(model, plan.blocks)
@@ -367,35 +305,16 @@ class Worker:
 
         # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
         # (4x H100); other kernels run the ring eagerly.
-        eager_only = mesh.ring > 1 and self.usp_kernel not in attention_mod.RING_REPLAY_SAFE
+        eager = eager or (mesh.ring > 1 and self.config.usp_kernel not in attention_mod.RING_REPLAY_SAFE)
+        if self.graphs is not None and not eager:
+            return functools.partial(self.graphs.run, (key, mesh, chunks), run, (args, kwargs))
+        return functools.partial(run, (args, kwargs))
 
-        def go(eager: bool):
-            if self.graphs is not None and not eager:
-                return self.graphs.run((key, mesh, chunks), run, (args, kwargs))
-            return run((args, kwargs))
-
-        cuda = self.device.type == "cuda"
-        if cuda:  # the GPU's span of this call, against its wall time: what is not GPU work shows
-            if self._marks is None:
-                self._marks = [self.torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            marks = self._marks
-            marks[0].record()
-        self.prelude += time.perf_counter() - t0
-        if self._profiles:
-            from .tools.profiling import profiled
-
-            directory, mode = self._profiles.pop(0)
-            with profiled(os.path.join(directory, f"rank{self.rank}-{mode}"), trace=self.rank == 0):
-                out = go(eager_only or mode == "eager")
-        else:
-            out = go(eager_only)
-        self.launch += time.perf_counter() - t0
-        if cuda:
-            marks[1].record()
-            self.torch.cuda.synchronize(self.device)
-            self.gpu_busy += marks[0].elapsed_time(marks[1]) / 1e3
+    def call(self, body, eager: bool = False):
+        captures = self.graphs.captures if self.graphs is not None else None
+        out = self.runner(body, eager)()
         self.counters["calls"] += 1
-        self.busy += time.perf_counter() - t0
+        self.last_call = time.time()
         if captures is not None and self.graphs.captures != captures:  # a new graph: the shape's objects are made
             _settle_heap()
         return out if self.rank == 0 else None

@@ -18,8 +18,10 @@ import os
 import platform
 import time
 
+from .. import config as cfgmod
 from .. import locate
-from . import plot
+from . import plot, report
+from .diagnostics import DriverDiagnostics
 
 
 def _args(argv):
@@ -38,6 +40,8 @@ def _args(argv):
                     help="'|'-separated extra --env sets, run at 2 ranks or at N with an 'N:' prefix "
                          "(e.g. '4:COMFY_XDIT_EXCHANGE=collective')")
     ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
+    ap.add_argument("--baselines", help="one-GPU baselines: eager (ComfyUI alone) and/or compiled (ComfyUI + its "
+                                        "TorchCompileModel node, inductor); default eager,compiled on GPU, eager on CPU")
     ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
@@ -49,12 +53,6 @@ def _args(argv):
     return ap.parse_args(argv)
 
 
-def _psnr(ref, out) -> float:
-    mse = float(((ref - out) ** 2).mean())
-    span = float(ref.max() - ref.min())
-    return float("inf") if mse == 0 else 10 * math.log10(span * span / mse)
-
-
 class Bench:
     def __init__(self, a):
         self.a = a
@@ -62,9 +60,10 @@ class Bench:
         import torch
 
         self.torch = torch
-        self.gpus = 0 if a.tiny else torch.cuda.device_count()
+        self.gpus = 0 if a.tiny else cfgmod.visible_gpus()
         self.sizes = [int(s) for s in a.sizes.split(",")]
         self.cfgs = [float(c) for c in a.cfg.split(",")]
+        self.baselines = (a.baselines or ("eager" if a.tiny else "eager,compiled")).split(",")
         self.results = {"machine": self._machine(), "args": vars(a), "baseline": [], "runs": []}
         os.makedirs(a.out, exist_ok=True)
 
@@ -160,6 +159,8 @@ class Bench:
                 print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
                       f"peak {row['peak_gib']:.1f} GiB", flush=True)
                 self._save()
+        if "compiled" in self.baselines:
+            self.compiled_baseline(patcher, latents)
         if self.a.lora:
             lora = self.with_lora(patcher)
             size, cfg = self.sizes[0], self.cfgs[0]
@@ -173,9 +174,38 @@ class Bench:
         mm.soft_empty_cache()
         return latents
 
-    def config(self, workers: int, parallel: str, env: dict):
-        from .. import config as cfgmod
+    def compiled_baseline(self, patcher, latents) -> None:
+        """ComfyUI + TorchCompileModel (inductor), applied by the node itself: the best one-GPU setup a
+        user has without this plugin. Its first run (compile included) is timed as well."""
+        import comfy.model_management as mm
+        from comfy_extras.nodes_torch_compile import TorchCompileModel
 
+        torch = self.torch
+        compiled = TorchCompileModel.execute(model=patcher, backend="inductor").result[0]
+        for size in self.sizes:
+            for cfg in self.cfgs:
+                t0 = time.perf_counter()
+                self.sample(compiled, size, cfg, 2)
+                first = time.perf_counter() - t0
+                self.sample(compiled, size, cfg, min(2, self.a.warmup) or 1)
+                if self.gpus:
+                    torch.cuda.reset_peak_memory_stats()
+                latent, seconds = self.sample(compiled, size, cfg, self.a.steps)
+                row = {"size": size, "cfg": cfg, "compiled": True, "s_per_step": seconds / self.a.steps,
+                       "first_run_s": first, "psnr_db": report.psnr(latents[(size, cfg)], latent),
+                       "peak_gib": (torch.cuda.max_memory_allocated() if self.gpus else 0) / 2**30}
+                self.results["baseline"].append(row)
+                print(f"ComfyUI + TorchCompileModel {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, first "
+                      f"2-step run {first:.1f} s, PSNR vs eager {row['psnr_db']:.1f} dB", flush=True)
+                self._save()
+        mm.unload_all_models()
+        del compiled
+        mm.soft_empty_cache()
+
+    def _baseline(self, size, cfg, compiled=False, lora=False):
+        return report.baseline(self.results, size, cfg, compiled, lora)
+
+    def config(self, workers: int, parallel: str, env: dict):
         settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
                     **env}
         return cfgmod.load(settings, gpus=self.gpus)
@@ -196,13 +226,14 @@ class Bench:
         torch = self.torch
 
         router = patch.install(self.config(workers, parallel, env), early)
+        diag = DriverDiagnostics(router)
         try:
             t0 = time.perf_counter()
             self.sample(patcher, self.sizes[0], self.cfgs[0], 1)
             first = time.perf_counter() - t0
-            group = router.group
-            if group is None:
+            if router.group is None:
                 raise RuntimeError(f"the plugin did not route: {router.disabled or router.stats}")
+            group = diag.ready()
             start = {"group_start_s": group.start_seconds, "first_run_s": first, "prestarted": early is not None,
                      "group_wait_s": max(0.0, group.ready_at - t0),
                      "load_s": max(s["load_seconds"] for s in group.stats())}
@@ -215,29 +246,29 @@ class Bench:
             for model, size, cfg, extra in cases:
                 self.sample(model, size, cfg, self.a.warmup)
                 group.stats(reset=True)
-                calls0, wall0 = router.stats["routed_calls"], router.timing["call_seconds"]
-                parts0 = dict(group.channel.timing, route=router.timing["route_seconds"])
+                calls0, wall0 = router.stats["routed_calls"], diag.timing["call_seconds"]
+                parts0 = dict(group.channel.timing, route=diag.timing["route_seconds"])
                 clock0 = dict(group.channel.clock)
                 profiler = None
                 if self.a.profile and not self.results.get("profiled"):
                     import cProfile
 
                     profiler = cProfile.Profile()
-                    group.pyprofile(True)
+                    diag.pyprofile(True)
                     profiler.enable()
                 latent, seconds = self.sample(model, size, cfg, self.a.steps)
                 if profiler is not None:
                     profiler.disable()
-                    self._dump_profile(profiler, label, size, group.pyprofile(False)[0])
+                    self._dump_profile(profiler, label, size, diag.pyprofile(False)[0])
                 stats = group.stats()
                 calls = router.stats["routed_calls"] - calls0
-                per_call = (router.timing["call_seconds"] - wall0) / max(calls, 1)
+                per_call = (diag.timing["call_seconds"] - wall0) / max(calls, 1)
                 rank_calls = max(stats[0]["calls"], 1)
                 busy, gpu, launch, reply = (stats[0][k] / rank_calls for k in
                                             ("busy_seconds", "gpu_seconds", "launch_seconds", "reply_seconds"))
                 launch_parts = {k: round(v / rank_calls * 1e3, 2) for k, v in stats[0]["launch_parts_seconds"].items()}
                 inbound = max(s["inbound_seconds"] for s in stats) / rank_calls
-                parts = dict(group.channel.timing, route=router.timing["route_seconds"])
+                parts = dict(group.channel.timing, route=diag.timing["route_seconds"])
                 parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
                 parts["wait_minus_compute"] = parts.pop("wait", 0.0) - busy
                 parts["rank_inbound"] = inbound
@@ -261,16 +292,16 @@ class Bench:
                        "pinned": {"driver": group.channel.pinned, "ranks": [s["pinned"] for s in stats]},
                        "graph_replays": stats[0]["graph_replays"],
                        "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
-                       "a2a_s": self._a2a(group, router, size, cfg),
+                       "a2a_s": diag.exchange_seconds(size, cfg, tiny=self.a.tiny),
                        "peak_gib": [s["max_memory"] / 2**30 for s in stats],
                        "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
-                       "psnr_db": _psnr(latents[("lora", size, cfg) if extra else (size, cfg)], latent), **start}
-                base = next(b for b in self.results["baseline"] if b["size"] == size and b["cfg"] == cfg
-                            and bool(b.get("lora")) == bool(extra))
-                row["speedup"] = base["s_per_step"] / row["s_per_step"]
+                       "psnr_db": report.psnr(latents[("lora", size, cfg) if extra else (size, cfg)], latent), **start}
+                row["speedup"] = self._baseline(size, cfg, lora=bool(extra))["s_per_step"] / row["s_per_step"]
+                compiled = None if extra else self._baseline(size, cfg, compiled=True)
+                row["speedup_vs_compiled"] = compiled["s_per_step"] / row["s_per_step"] if compiled else None
                 self.results["runs"].append(row)
                 if self.a.kernel_profile and self.gpus:
-                    group.profile(os.path.dirname(self._profile_prefix(f"{label}{extra}-{size}-cfg{cfg:g}", "x")))
+                    diag.profile(os.path.dirname(self._profile_prefix(f"{label}{extra}-{size}-cfg{cfg:g}", "x")))
                     # one call eager, one as usual: a run like the timed one, so that its graph is replayed
                     self.sample(model, size, cfg, self.a.steps)
                 print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
@@ -309,52 +340,12 @@ class Bench:
         return os.path.abspath(os.path.join(self.a.out, "profile", slug, name))
 
     def _dump_profile(self, profiler, label, size, rank0: str) -> None:
-        import io
-        import pstats
+        from .profiling import table
 
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("tottime").print_stats(40)
-        stats.sort_stats("cumulative").print_stats(60)
         with open(os.path.join(self.a.out, "profile.txt"), "w") as f:
-            f.write(f"{label} {size}² {self.a.steps} steps\n" + out.getvalue())
+            f.write(f"{label} {size}² {self.a.steps} steps\n" + table(profiler) + table(profiler, 60, "cumulative"))
             f.write(f"\n--- rank 0's serving loop, the same run\n{rank0}")
         self.results["profiled"] = label
-
-    def _a2a(self, group, router, size: int, cfg: float) -> float:
-        """Per-step time of this layout's all-to-alls alone (what the attention exchange costs)."""
-        from .. import plans
-
-        tokens = (8 if self.a.tiny else 512) + (size // 16) ** 2
-        batch = 2 if cfg != 1 else 1
-        import comfy.ldm.flux.model  # noqa: F401
-
-        heads = 2 if self.a.tiny else 24
-        try:
-            mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel,
-                                            "yunchang" in group.attention, group.attention == "gather")
-        except plans.LayoutError:  # this layout doesn't take this input (it ran locally)
-            return float("nan")
-        if mesh.sp == 1:
-            return 0.0
-        chunk = -(-tokens // mesh.sp)
-        blocks = 4 if self.a.tiny else 57
-        chunks = router.tuner.best.get(((batch, 16, size // 8, size // 8), mesh), 1)
-        dtype = self.torch.float32 if self.a.tiny else self.torch.bfloat16
-        return group.probe(mesh, batch // mesh.cfg, chunk, heads, 128, blocks, chunks, 3, dtype)
-
-    def table(self) -> str:
-        rows = ["| machine | size | cfg | ranks | layout | s/step | speed-up | compute | a2a | dispatch | PSNR | peak/GPU |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        gpu = self.results["machine"]["gpus"][0] if self.results["machine"]["gpus"] else "CPU"
-        for b in self.results["baseline"]:
-            rows.append(f"| {gpu} | {b['size']}² | {b['cfg']:g} | 1 | ComfyUI alone | {b['s_per_step']:.3f} | 1.00× "
-                        f"| | | | | {b['peak_gib']:.1f} GiB |")
-        for r in self.results["runs"]:
-            rows.append(f"| {gpu} | {r['size']}² | {r['cfg']:g} | {r['workers']} | {r['label']} | {r['s_per_step']:.3f} "
-                        f"| {r['speedup']:.2f}× | {r['compute_s'] * 1e3:.1f} ms | {r['a2a_s'] * 1e3:.1f} ms "
-                        f"| {r['dispatch_s'] * 1e3:.2f} ms | {r['psnr_db']:.1f} dB | {max(r['peak_gib']):.1f} GiB |")
-        return "\n".join(rows)
 
 
 def _settings(text: str) -> dict:
@@ -387,9 +378,10 @@ def main(argv=None) -> int:
         extra = _settings(variant)
         bench.plugin(patcher, n, "", {**env, **extra}, latents,
                      f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in extra.items()))
-    print(bench.table())
+    table = report.table(bench.results)
+    print(table)
     with open(os.path.join(a.out, "bench.md"), "w") as f:
-        f.write(bench.table() + "\n")
+        f.write(table + "\n")
     bench._save()
     plot.speedups(bench.results, os.path.join(a.out, "bench.png"))
     return 0

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .. import locate
+from .. import config, locate
 from . import headless, synthetic
 
 
@@ -57,7 +57,7 @@ def run(args) -> int:
     comfy = locate.import_comfy()
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = config.visible_gpus()
     base = os.path.abspath(os.path.expanduser(args.workdir))
     headless.prepare_base(base, locate.CHECKOUT)
     models, what = _models(base, args, gpus)

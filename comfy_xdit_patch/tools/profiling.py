@@ -66,8 +66,8 @@ def profiled(prefix: str, trace: bool = False):
         os.remove(prefix + ".json")
 
 
-def table(prof, rows: int = 40) -> str:
-    """A cProfile.Profile's busiest functions, by their own time ("" for None)."""
+def table(prof, rows: int = 40, sort: str = "tottime") -> str:
+    """A cProfile.Profile's busiest functions, by their own time or another pstats key ("" for None)."""
     import io
     import pstats
 
@@ -75,5 +75,5 @@ def table(prof, rows: int = 40) -> str:
         return ""
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(rows)
     return out.getvalue()

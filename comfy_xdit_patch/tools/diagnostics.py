@@ -1,0 +1,220 @@
+"""Measurement that the benchmark attaches to a worker group; the runtime never turns it on.
+
+`attach(router)` adds, on each rank (Worker.attach), a RankDiagnostics that times every model call
+(its wall time, the CPU time until its work was queued, and its GPU span between two CUDA events,
+which costs a synchronize per call), records when requests arrive and replies leave, and serves the
+bench's extra requests: `probe` (the all-to-alls of a layout alone), `profile` (torch.profiler tables
+of the next two calls) and `pyprofile` (cProfile of the serving loop). On ComfyUI's side it times
+each routed call and the routing checks before it. Without it, a rank's call path does no timing.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import time
+
+
+class RankDiagnostics:
+    def __init__(self, worker):
+        self.w = worker
+        self.busy = 0.0  # seconds in model calls, device work included
+        self.gpu = 0.0  # the GPU's span of those calls (CUDA events)
+        self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
+        self.prelude = 0.0  # of which: before the model runs or its graph is replayed
+        self.clock = collections.Counter()  # sums of instants per op: header read, reply sent
+        self.profiles: list = []  # (directory, mode) for the next calls, see profile()
+        self.pyprof = None
+        self.marks = None  # two CUDA events, made once
+
+    def handlers(self) -> dict:
+        return {"call": self.call, "probe": self.probe, "profile": self.profile, "pyprofile": self.pyprofile}
+
+    def call(self, body):
+        w, torch = self.w, self.w.torch
+        t0 = time.perf_counter()
+        profile = self.profiles.pop(0) if self.profiles else None
+        captures = w.graphs.captures if w.graphs is not None else None
+        run = w.runner(body, eager=profile is not None and profile[1] == "eager")
+        cuda = w.device.type == "cuda"
+        if cuda:
+            if self.marks is None:
+                self.marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            self.marks[0].record()
+        self.prelude += time.perf_counter() - t0
+        if profile is not None:
+            from .profiling import profiled
+
+            directory, mode = profile
+            with profiled(os.path.join(directory, f"rank{w.rank}-{mode}"), trace=w.rank == 0):
+                out = run()
+        else:
+            out = run()
+        self.launch += time.perf_counter() - t0
+        if cuda:
+            self.marks[1].record()
+            torch.cuda.synchronize(w.device)
+            self.gpu += self.marks[0].elapsed_time(self.marks[1]) / 1e3
+        self.busy += time.perf_counter() - t0
+        # the worker's own bookkeeping (call count, heap settled after a new graph)
+        w.counters["calls"] += 1
+        w.last_call = time.time()
+        if captures is not None and w.graphs.captures != captures:
+            from ..worker import _settle_heap
+
+            _settle_heap()
+        return out if w.rank == 0 else None
+
+    def served(self, op: str) -> None:
+        channel = self.w.channel
+        self.clock[f"{op} arrived"] += channel.arrived
+        self.clock[f"{op} done"] += channel.replying if channel.replying > channel.arrived else time.perf_counter()
+
+    def stats(self, reset: bool) -> dict:
+        w = self.w
+        out = {"busy_seconds": self.busy, "gpu_seconds": self.gpu, "launch_seconds": self.launch,
+               "launch_parts_seconds": dict(w.graphs.seconds if w.graphs else {}, prelude=self.prelude),
+               "inbound_seconds": w.channel.inbound_seconds, "reply_seconds": w.channel.reply_seconds,
+               "clock": dict(self.clock), "pinned": w.channel.pinned}
+        if reset:
+            self.busy = self.gpu = self.launch = self.prelude = 0.0
+            if w.graphs:
+                w.graphs.seconds.clear()
+            w.channel.inbound_seconds = w.channel.reply_seconds = 0.0
+            self.clock.clear()
+        return out
+
+    def probe(self, body) -> float:
+        """Seconds per step of the sequence-parallel exchanges alone (attention replaced by nothing)."""
+        from ..plans.layout import Shard
+
+        w, torch = self.w, self.w.torch
+        mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype = body
+        _, make, _ = w._groups(mesh)
+        shard = Shard(w.rank, mesh.sp, (0, 1), (1, tokens), 0, tokens, tokens * mesh.sp)
+        override = make(shard, chunks)
+        q = torch.randn(batch, heads, tokens, head_dim, device=w.device, dtype=dtype)
+
+        def nothing(q_, k_, v_, h, *a, **k):
+            return torch.empty(q_.shape[0], q_.shape[2], h * q_.shape[3], device=q_.device, dtype=q_.dtype)
+
+        def step():
+            for _ in range(blocks):
+                override(nothing, q, q, q, heads, skip_reshape=True)
+
+        step()
+        run, sync = step, (lambda: None)
+        if w.device.type == "cuda":  # time the GPU side, as the captured model calls run it
+            sync = torch.cuda.synchronize
+            sync()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+            run()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    def profile(self, directory: str) -> str:
+        """Profile the next two calls with torch.profiler (one eager, one as usual), tables into `directory`."""
+        self.profiles = [(directory, "eager"), (directory, "graph")]
+        return "armed"
+
+    def pyprofile(self, on: bool) -> str:
+        """cProfile this rank's serving loop from now (on), or stop and return its table."""
+        import cProfile
+
+        from .profiling import table
+
+        prof, self.pyprof = self.pyprof, cProfile.Profile() if on else None
+        if self.pyprof is not None:
+            self.pyprof.enable()  # NOTE: profiles this thread, the serving loop, until turned off
+        return "armed" if on else table(prof)
+
+
+class DriverDiagnostics:
+    """ComfyUI's side: seconds in routed calls and in the routing checks before them, and the bench's
+    requests to the ranks. Wraps the router's DIFFUSION_MODEL wrapper and the group's call."""
+
+    def __init__(self, router):
+        self.router = router
+        self.timing = collections.Counter()
+        self.group = None
+        inner = router.diffusion_model
+
+        @functools.wraps(inner)
+        def diffusion_model(executor, *args, **kwargs):
+            self._attach_group()
+            t0 = time.perf_counter()
+            calls = self.timing["calls"]
+            try:
+                return inner(executor, *args, **kwargs)
+            finally:
+                if self.timing["calls"] != calls:  # routed: the rest of the time went to checks
+                    self.timing["route_seconds"] += time.perf_counter() - t0 - self._last
+
+        router.diffusion_model = diffusion_model  # NOTE: instance attribute, read when a run registers it
+        self._last = 0.0
+
+    def _attach_group(self) -> None:
+        group = self.router.group
+        if group is None or group is self.group:
+            return
+        self.group = group
+        group.request("attach", RankDiagnostics, all_reply=True)
+        inner = group.call
+
+        @functools.wraps(inner)
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self._last = time.perf_counter() - t0
+            self.timing["call_seconds"] += self._last
+            self.timing["calls"] += 1
+            return out
+
+        group.call = call
+
+    def ready(self):
+        """The group, with the ranks' diagnostics attached."""
+        self._attach_group()
+        return self.group
+
+    def exchange_seconds(self, size: int, cfg: float, tiny: bool = False) -> float:
+        """Per-step time of the current layout's all-to-alls alone at this FLUX size (what the attention
+        exchange costs): FLUX.1-dev's 512 text tokens, 24 heads of 128 and 57 blocks (tiny: 8, 2, 4)."""
+        import torch
+
+        from .. import plans
+
+        group, router = self.ready(), self.router
+        tokens = (8 if tiny else 512) + (size // 16) ** 2
+        batch, heads = 2 if cfg != 1 else 1, 2 if tiny else 24
+        try:
+            mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel,
+                                            "yunchang" in group.attention, group.attention == "gather")
+        except plans.LayoutError:  # this layout doesn't take this input (it ran locally)
+            return float("nan")
+        if mesh.sp == 1:
+            return 0.0
+        chunks = router.tuner.best.get(((batch, 16, size // 8, size // 8), mesh), 1)
+        return self.probe(mesh, batch // mesh.cfg, -(-tokens // mesh.sp), heads, 128, 4 if tiny else 57, chunks, 3,
+                          torch.float32 if tiny else torch.bfloat16)
+
+    def probe(self, mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype) -> float:
+        """Seconds per step of the all-to-all exchanges alone, slowest rank."""
+        replies = self.ready().request("probe", (mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype),
+                                       all_reply=True)
+        return max(replies.values())
+
+    def profile(self, directory: str) -> None:
+        self.ready().request("profile", directory, all_reply=True)
+
+    def pyprofile(self, on: bool) -> list[str]:
+        group = self.ready()
+        replies = group.request("pyprofile", on, all_reply=True)
+        return [replies[r] for r in range(group.world)]

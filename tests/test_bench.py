@@ -1,0 +1,24 @@
+"""`comfy-xdit bench --tiny`: the side-by-side benchmark end to end on CPU ranks, its diagnostics
+attached (per-call timing on the ranks, the exchange probe) and its table written."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_runs_with_diagnostics_attached(tmp_path, router):
+    router.close_group()  # this machine has 2 cores: the bench's ranks get them to themselves
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "comfy_xdit_patch.tools.cli", "bench", "--tiny", "--sizes", "64",
+                           "--steps", "3", "--warmup", "2", "--ranks", "2", "--workdir", str(tmp_path),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=540,
+                          env=dict(os.environ, COMFY_XDIT_START_TIMEOUT="300"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "bench.json").read_text())
+    run, = results["runs"]
+    assert run["routed_calls"] == 3 and run["psnr_db"] > 100  # the same latent as ComfyUI alone
+    assert run["compute_s"] > 0 and run["a2a_s"] > 0  # timed on the ranks: diagnostics were attached
+    assert "route" in run["dispatch_parts_ms"]
+    assert (out / "bench.md").read_text().count("|") > 20
