@@ -42,6 +42,7 @@ class Config:
     cuda_graphs: bool
     compile: bool
     model_cache: int
+    cache_dir: str
     prestart: bool
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
@@ -153,7 +154,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
            "calls of each shape and keeps the fastest.", _chunks),
     EnvVar("COMFY_XDIT_EXCHANGE", "auto",
-           "Transport of the Ulysses all-to-alls: `auto` (peer copies where the ranks of a group share a host "
+           "How the Ulysses all-to-alls move: `auto` (peer copies where the ranks of a group share a host "
            "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
            "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all); "
            "`loopback`: diagnostics only, nothing crosses and images are wrong (times compute without exchange).",
@@ -168,15 +169,26 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_PRESTART", "1",
            "`1`: the worker group starts in the background when ComfyUI starts, so the first FLUX run finds it "
            "ready; `0`: on the first FLUX run.", _bool),
+    EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
+           "Where the ranks keep compiled code between ComfyUI processes (one folder per torch / ComfyUI / "
+           "plugin / GPU version, so nothing stale is read).", _text),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
 )
 
 
 def visible_gpus() -> int:
+    """GPUs the ranks may use: none where torch sees none or ComfyUI itself runs on the CPU (--cpu)."""
+    import sys
+
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not torch.cuda.is_available():
+        return 0
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None and mm.get_torch_device().type != "cuda":
+        return 0
+    return torch.cuda.device_count()
 
 
 def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> Config:
@@ -218,6 +230,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         compile=val.get("COMFY_XDIT_COMPILE", bool(gpus)),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
+        cache_dir=val.get("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch"),
         prestart=val.get("COMFY_XDIT_PRESTART", True),
         gpus=gpus,
     )

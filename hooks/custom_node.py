@@ -17,13 +17,13 @@ def on_load():
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     try:
-        import comfy.model_management as mm
+        import comfy.model_management  # noqa: F401
     except ImportError:  # not inside ComfyUI (a tool importing this folder): nothing to attach to
         return None
     from comfy_xdit_patch import config as cfg
 
     try:
-        gpus = cfg.visible_gpus() if mm.get_torch_device().type == "cuda" else 0
+        gpus = cfg.visible_gpus()
         config = cfg.load(gpus=gpus)
     except cfg.ConfigError as e:
         log.error("comfy_xdit_patch: %s", e)

@@ -1,0 +1,98 @@
+"""COMFY_XDIT_CACHE_DIR: compiled code reused across processes, keyed so nothing stale is read, and a
+cache that can't be read costs a compile, never a failure."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from comfy_xdit_patch import compile_cache
+from conftest import REPO
+
+# A child process that compiles one small function with the plugin's cache, as a rank does.
+CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    from torch._dynamo.utils import counters
+    from comfy_xdit_patch import compile_cache
+    folder = compile_cache.use(sys.argv[1], "cpu")
+    f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, dynamic=False)
+    x = torch.linspace(-2, 2, 64)
+    ok = torch.allclose(f(x), torch.nn.functional.gelu(x) * 2 + 1)
+    print(json.dumps({{"folder": folder, "ok": ok, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                      "misses": counters["inductor"]["fxgraph_cache_miss"]}}))
+""")
+
+
+def compile_in_child(root):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
+    out = subprocess.run([sys.executable, "-c", CHILD.format(repo=REPO), str(root)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_a_second_process_reuses_what_the_first_compiled_and_corrupt_artefacts_cost_a_compile(tmp_path):
+    first, _ = compile_in_child(tmp_path)
+    second, _ = compile_in_child(tmp_path)
+    assert first["ok"] and second["ok"] and first["folder"] == second["folder"]
+    assert first["misses"] >= 1 and second["hits"] >= 1 and second["misses"] == 0
+    for folder, _, files in os.walk(first["folder"]):
+        for name in files:
+            if name != "stamp.json":
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(b"\x00garbage")
+    again, _ = compile_in_child(tmp_path)
+    assert again["ok"]
+
+
+def test_the_key_changes_with_torch_comfyui_plugin_and_gpu(tmp_path, monkeypatch):
+    base = compile_cache.components("NVIDIA H200")
+    root = str(tmp_path)
+    seen = {compile_cache.folder(root, base)}
+    assert compile_cache.folder(root, compile_cache.components("NVIDIA H200")) in seen  # stable
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H200")))
+    monkeypatch.undo()
+    monkeypatch.setattr(compile_cache, "_comfyui_version", lambda: "0.0.1")
+    seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H200")))
+    monkeypatch.undo()
+    code = tmp_path / "runtime"
+    shutil.copytree(os.path.dirname(compile_cache.__file__), code)
+    monkeypatch.setattr(compile_cache, "_RUNTIME", str(code))
+    same_code = compile_cache.folder(root, compile_cache.components("NVIDIA H200"))
+    with open(code / "router.py", "a") as f:
+        f.write("\n# changed\n")
+    seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H200")))
+    monkeypatch.undo()
+    seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H100 80GB HBM3")))
+    assert same_code in {compile_cache.folder(root, base)}  # a copy of the same code is the same key
+    assert len(seen) == 5
+
+
+def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, caplog):
+    parts = compile_cache.components("cpu")
+    folder = compile_cache.folder(str(tmp_path), parts)
+    os.makedirs(os.path.join(folder, "inductor"))
+    with open(os.path.join(folder, "inductor", "old"), "w") as f:
+        f.write("from before")
+    with open(os.path.join(folder, "stamp.json"), "w") as f:
+        f.write("{not json")
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    try:
+        with caplog.at_level(logging.WARNING, logger="comfy_xdit_patch.compile_cache"):
+            assert compile_cache.use(str(tmp_path), "cpu") == folder
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(folder, "inductor")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    lines = [r for r in caplog.records if "can't be read" in r.getMessage()]
+    assert len(lines) == 1 and "compile afresh" in lines[0].getMessage()
+    assert not os.path.exists(os.path.join(folder, "inductor", "old"))
+    with open(os.path.join(folder, "stamp.json")) as f:
+        assert json.load(f) == parts
