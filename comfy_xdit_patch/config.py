@@ -146,9 +146,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
-           "`1`: each rank runs the model's transformer blocks through torch.compile (regional: one compile per "
-           "block class, on the first call of each resolution, ~15-25 s; the sequence-parallel attention stays "
-           "one opaque op); `0`: as ComfyUI runs them.", _bool),
+           "`1`: each rank compiles the model's transformer blocks with torch.compile on the first call of each "
+           "resolution (~15-25 s); `0`: they run as in ComfyUI.", _bool),
     # --- tuning (docs/configuration.md): the defaults are the measured best; change them to compare ---
     EnvVar("COMFY_XDIT_ATTENTION", "auto",
            "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
