@@ -141,8 +141,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
     EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
     EnvVar("COMFY_XDIT_PRESTART", "1",
-           "`1`: the worker group starts in the background when ComfyUI starts, so the first FLUX run finds it "
-           "ready; `0`: on the first FLUX run.", _bool),
+           "`1`: the worker group starts in the background when ComfyUI starts, ready for the first FLUX run; "
+           "`0`: on the first FLUX run.", _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
