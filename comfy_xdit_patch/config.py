@@ -50,7 +50,7 @@ class Config:
 @dataclasses.dataclass(frozen=True)
 class EnvVar:
     name: str
-    default: str  # as written in the README
+    default: str  # as written in the generated tables
     doc: str
     parse: Callable[[str, str], object]
     audience: str = "user"  # user (README) | tuning | diagnostics (docs/configuration.md)
