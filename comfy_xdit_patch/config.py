@@ -1,7 +1,7 @@
 """Every environment variable the plugin reads, in one table, parsed once into a frozen Config.
 
-The README's variable table is generated from ENV_VARS (`python -m comfy_xdit_patch.tools.cli env-table`),
-and a test keeps the two in step.
+Each variable has an audience: "user" (README.md), "tuning" and "diagnostics" (docs/configuration.md).
+Those tables are generated from ENV_VARS (`comfy-xdit env-table --write FILE`), and a test keeps them in step.
 """
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import re
 from typing import Callable, Mapping
 
 from .plans.layout import Mesh
-
-PREFIX = "COMFY_XDIT"
-
 
 class ConfigError(ValueError):
     """A variable holds a value the plugin does not accept; the message names both."""
@@ -54,9 +51,13 @@ class Config:
 @dataclasses.dataclass(frozen=True)
 class EnvVar:
     name: str
-    default: str  # as written in the README
+    default: str  # as written in the generated tables
     doc: str
     parse: Callable[[str, str], object]
+    audience: str = "user"  # user (README) | tuning | diagnostics (docs/configuration.md)
+
+
+AUDIENCES = ("user", "tuning", "diagnostics")
 
 
 def _bool(var: str, raw: str) -> bool:
@@ -126,6 +127,7 @@ def _text(var: str, raw: str) -> str:
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
+    # --- user settings (README.md) ---
     EnvVar("COMFY_XDIT", "on with >= 2 GPUs", "`1` routes FLUX through the worker group, `0` leaves ComfyUI untouched.", _bool),
     EnvVar("COMFY_XDIT_WORKERS", "all visible GPUs (2 on a CPU-only machine)",
            "Number of ranks. With no GPU the ranks run on CPU over gloo.", _positive_int),
@@ -139,41 +141,45 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_TIMEOUT", "120", "Seconds one routed model call may take before it falls back.", _seconds),
     EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
     EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
-    EnvVar("COMFY_XDIT_ATTENTION", "auto",
-           "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
-           "`gather` (each rank gathers all keys/values for its own queries + ComfyUI's attention), "
-           "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "gather", "yunchang")),
-    EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
-           "yunchang kernel: `auto` (torch_cudnn on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
-           "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.",
-           _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3")),
-    EnvVar("COMFY_XDIT_SDPA", "comfyui",
-           "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
-           "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient")),
-    EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
-           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
-           "calls of each shape and keeps the fastest.", _chunks),
-    EnvVar("COMFY_XDIT_EXCHANGE", "auto",
-           "How the Ulysses all-to-alls move: `auto` (peer copies where the ranks of a group share a host "
-           "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
-           "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all); "
-           "`loopback`: diagnostics only, nothing crosses and images are wrong (times compute without exchange).",
-           _choice("collective", "peer-copy", "auto", "loopback")),
-    EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
-           "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
-           "`0`: eager.", _bool),
-    EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
-           "`1`: each rank runs the model's transformer blocks through torch.compile (regional: one compile per "
-           "block class, on the first call of each resolution, ~15-25 s; the sequence-parallel attention stays "
-           "one opaque op); `0`: as ComfyUI runs them.", _bool),
     EnvVar("COMFY_XDIT_PRESTART", "1",
-           "`1`: the worker group starts in the background when ComfyUI starts, so the first FLUX run finds it "
-           "ready; `0`: on the first FLUX run.", _bool),
+           "`1`: the worker group starts in the background when ComfyUI starts, ready for the first FLUX run; "
+           "`0`: on the first FLUX run.", _bool),
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
            "Where the ranks keep compiled code between ComfyUI processes (one folder per torch / ComfyUI / "
            "plugin / GPU version, so nothing stale is read).", _text),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
            _positive_int),
+    EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
+           "`1`: each rank compiles the model's transformer blocks with torch.compile on the first call of each "
+           "resolution (~15-25 s); `0`: they run as in ComfyUI.", _bool),
+    # --- tuning (docs/configuration.md): the defaults are the measured best; change them to compare ---
+    EnvVar("COMFY_XDIT_ATTENTION", "auto",
+           "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
+           "`gather` (each rank gathers all keys/values for its own queries + ComfyUI's attention), "
+           "`yunchang` (USP: Ulysses x Ring, CUDA).", _choice("auto", "torch", "gather", "yunchang"), "tuning"),
+    EnvVar("COMFY_XDIT_USP_KERNEL", "auto",
+           "yunchang kernel: `auto` (torch_cudnn on CUDA), `torch_flash`, `torch_efficient`, `torch_cudnn`, "
+           "`fa` (flash-attn), `fa3`. With ring > 1, kernels other than cuDNN run without CUDA graphs.",
+           _choice("auto", "torch_flash", "torch_efficient", "torch_cudnn", "fa", "fa3"), "tuning"),
+    EnvVar("COMFY_XDIT_SDPA", "comfyui",
+           "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
+           "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient"), "tuning"),
+    EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
+           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
+           "calls of each shape and keeps the fastest.", _chunks, "tuning"),
+    EnvVar("COMFY_XDIT_EXCHANGE", "auto",
+           "How the Ulysses all-to-alls move: `auto` (peer copies where the ranks of a group share a host "
+           "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
+           "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all).",
+           _choice("collective", "peer-copy", "auto"), "tuning"),
+    EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
+           "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
+           "`0`: eager.", _bool, "tuning"),
+    # --- diagnostics (docs/configuration.md): wrong images on purpose, never for real work ---
+    EnvVar("COMFY_XDIT_DIAG_LOOPBACK", "0",
+           "`1`: the Ulysses exchange hands each rank its own pieces and nothing crosses between ranks (overrides "
+           "`COMFY_XDIT_EXCHANGE`): same shapes, copies and kernels, so a run times the ranks' compute without "
+           "any exchange. **Images are wrong.**", _bool, "diagnostics"),
 )
 
 
@@ -226,7 +232,8 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         usp_kernel=val.get("COMFY_XDIT_USP_KERNEL", "auto"),
         sdpa=val.get("COMFY_XDIT_SDPA", "comfyui"),
         a2a_chunks=val.get("COMFY_XDIT_A2A_CHUNKS", None if gpus else 1),
-        exchange=val.get("COMFY_XDIT_EXCHANGE", "auto"),
+        # NOTE: "loopback" is an exchange only the diagnostics variable reaches (images wrong by design).
+        exchange="loopback" if val.get("COMFY_XDIT_DIAG_LOOPBACK") else val.get("COMFY_XDIT_EXCHANGE", "auto"),
         cuda_graphs=val.get("COMFY_XDIT_CUDA_GRAPHS", True),
         compile=val.get("COMFY_XDIT_COMPILE", bool(gpus)),
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
@@ -236,7 +243,10 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
     )
 
 
-def markdown_table() -> str:
+def markdown_table(audience: str = "user") -> str:
+    """The variables of one audience as a markdown table (README: user; docs/configuration.md: the others)."""
+    if audience not in AUDIENCES:
+        raise ValueError(f"audience {audience!r}: one of {', '.join(AUDIENCES)}")
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.default} | {v.doc} |" for v in ENV_VARS]
+    rows += [f"| `{v.name}` | {v.default} | {v.doc} |" for v in ENV_VARS if v.audience == audience]
     return "\n".join(rows)

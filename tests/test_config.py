@@ -1,9 +1,12 @@
 """The environment contract: values, defaults, one clear message per bad value, README in step."""
 import os
+import re
 
 import pytest
 
 from comfy_xdit_patch import config as cfg
+from comfy_xdit_patch.tools import cli
+from comfy_xdit_patch.tools.cli import env_tables
 
 
 def test_defaults_follow_the_hardware():
@@ -39,6 +42,7 @@ def test_explicit_values():
     ({"COMFY_XDIT_ATTENTION": "flash"}, "COMFY_XDIT_ATTENTION"),
     ({"COMFY_XDIT_EXCHANGE": "nvshmem"}, "COMFY_XDIT_EXCHANGE"),
     ({"COMFY_XDIT_PRESTART": "soon"}, "COMFY_XDIT_PRESTART"),
+    ({"COMFY_XDIT_DIAG_LOOPBACK": "maybe"}, "COMFY_XDIT_DIAG_LOOPBACK"),
 ])
 def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
     with pytest.raises(cfg.ConfigError) as e:
@@ -47,9 +51,38 @@ def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
     assert var in str(e.value) and "accepted" in str(e.value)
 
 
-def test_readme_lists_every_variable():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    assert cfg.markdown_table() in readme, "README's variable table is stale: python -m comfy_xdit_patch.tools.cli env-table"
+ROOT = os.path.dirname(os.path.dirname(__file__))
+DOCS = {"README.md": {"user"}, "docs/configuration.md": {"tuning", "diagnostics"}}
+
+
+@pytest.mark.parametrize("name", sorted(DOCS))
+def test_generated_variable_tables_are_current(name):
+    """README.md has the user table, docs/configuration.md the tuning and diagnostics ones, all generated."""
+    text = open(os.path.join(ROOT, name)).read()
+    assert env_tables(text) == text, f"{name}'s variable tables are stale: comfy-xdit env-table --write {name}"
+    assert set(re.findall(r"<!-- env-table: (\w+)", text)) == DOCS[name]
+
+
+def test_every_variable_has_a_documented_audience():
+    assert {v.audience for v in cfg.ENV_VARS} == set().union(*DOCS.values()) == set(cfg.AUDIENCES)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for v in cfg.ENV_VARS:  # tuning and diagnostics knobs stay out of the user's page
+        assert (f"| `{v.name}` |" in readme) == (v.audience == "user"), v.name
+
+
+def test_env_table_write_regenerates_only_marked_tables(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- env-table: tuning -->\n| stale |\n\nafter\n")
+    assert cli.main(["env-table", "--write", str(doc)]) == 0
+    assert doc.read_text() == "intro\n<!-- env-table: tuning -->\n" + cfg.markdown_table("tuning") + "\n\nafter\n"
+
+
+def test_loopback_is_a_diagnostics_setting_not_an_exchange_choice():
+    with pytest.raises(cfg.ConfigError):
+        cfg.load({"COMFY_XDIT_EXCHANGE": "loopback"}, gpus=2)
+    assert cfg.load({"COMFY_XDIT_DIAG_LOOPBACK": "1"}, gpus=2).exchange == "loopback"
+    assert cfg.load({"COMFY_XDIT_DIAG_LOOPBACK": "1", "COMFY_XDIT_EXCHANGE": "collective"}, gpus=0).exchange == "loopback"
+    assert cfg.load({"COMFY_XDIT_DIAG_LOOPBACK": "0"}, gpus=2).exchange == "auto"
 
 
 def test_peer_copies_need_gpus():

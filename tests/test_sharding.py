@@ -85,7 +85,7 @@ def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img
 
 
 def test_loopback_exchange_hands_each_rank_its_own_pieces():
-    """COMFY_XDIT_EXCHANGE=loopback (timing only): the shapes of a real exchange, nothing crossing."""
+    """COMFY_XDIT_DIAG_LOOPBACK=1 (timing only): the shapes of a real exchange, nothing crossing."""
     from comfy_xdit_patch.attention import exchange
 
     ex = exchange.make(None, torch.device("cpu"), "loopback")

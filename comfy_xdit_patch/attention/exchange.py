@@ -124,7 +124,7 @@ class PeerCopy:
 
 
 class Loopback:
-    """Diagnostics only (COMFY_XDIT_EXCHANGE=loopback): nothing crosses, every peer's piece is this rank's
+    """Diagnostics only (COMFY_XDIT_DIAG_LOOPBACK=1): nothing crosses, every peer's piece is this rank's
     own piece for that peer. The attention keeps the shapes and copies of a real exchange, so a run times
     the ranks' compute without any exchange or waiting, and its images are wrong."""
 
@@ -142,7 +142,7 @@ def make(group, device: torch.device, request: str = "collective"):
 
     Collective: every rank of the group must call this with the same arguments, and they agree."""
     if request == "loopback":
-        log.warning("COMFY_XDIT_EXCHANGE=loopback: timing only, nothing crosses between ranks, images are wrong")
+        log.warning("COMFY_XDIT_DIAG_LOOPBACK=1: timing only, nothing crosses between ranks, images are wrong")
         return Loopback()
     if request == "peer-copy" and device.type != "cuda":
         raise RuntimeError("COMFY_XDIT_EXCHANGE=peer-copy needs CUDA ranks")

@@ -38,7 +38,8 @@ def _args(argv):
     ap.add_argument("--env", default="", help="extra COMFY_XDIT_* settings for the plugin runs, ';'-separated")
     ap.add_argument("--variants", default="",
                     help="'|'-separated extra --env sets, run at 2 ranks or at N with an 'N:' prefix "
-                         "(e.g. '4:COMFY_XDIT_EXCHANGE=collective')")
+                         "(e.g. '4:COMFY_XDIT_EXCHANGE=collective'; compute without any exchange, wrong images: "
+                         "'2:COMFY_XDIT_DIAG_LOOPBACK=1')")
     ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
     ap.add_argument("--baselines", help="one-GPU baselines: eager (ComfyUI alone) and/or compiled (ComfyUI + its "
                                         "TorchCompileModel node, inductor); default eager,compiled on GPU, eager on CPU")
@@ -49,7 +50,6 @@ def _args(argv):
                     help="cProfile ComfyUI's process and rank 0's serving loop over the first timed run")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="torch.profiler tables of one step, ComfyUI alone and each rank, into OUT/profile")
-    ap.add_argument("--no-baseline-cache", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 

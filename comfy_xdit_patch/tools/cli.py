@@ -2,7 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+
+# A generated table sits right below its marker, e.g. `<!-- env-table: user (generated ...) -->`.
+_TABLE = re.compile(r"(<!-- env-table: (\w+).*?-->\n)((?:\|.*(?:\n|$))*)")
+
+
+def env_tables(text: str) -> str:
+    """`text` with every marked variable table regenerated from config.ENV_VARS for its audience."""
+    from .. import config
+
+    if not _TABLE.search(text):
+        raise ValueError("no `<!-- env-table: AUDIENCE -->` marker")
+    return _TABLE.sub(lambda m: m.group(1) + config.markdown_table(m.group(2)) + "\n", text)
 
 
 def _doctor(_args) -> int:
@@ -47,8 +60,11 @@ def main(argv=None) -> int:
     d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
     sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
     sub.add_parser("doctor", help="what the plugin finds on this machine")
-    t = sub.add_parser("env-table", help="print the README's environment-variable table")
-    t.add_argument("--write", metavar="README", help="replace the table in this file instead")
+    t = sub.add_parser("env-table", help="print an environment-variable table (user: README.md; tuning, "
+                                         "diagnostics: docs/configuration.md)")
+    t.add_argument("--audience", default="user", choices=("user", "tuning", "diagnostics"))
+    t.add_argument("--write", metavar="FILE",
+                   help="instead regenerate every table in FILE below an `<!-- env-table: AUDIENCE -->` marker")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         from . import demo
@@ -59,14 +75,12 @@ def main(argv=None) -> int:
     from .. import config
 
     if not a.write:
-        print(config.markdown_table())
+        print(config.markdown_table(a.audience))
         return 0
     with open(a.write) as f:
         text = f.read()
-    start = text.index("| variable | default | meaning |")
-    end = text.index("\n\n", start)
     with open(a.write, "w") as f:
-        f.write(text[:start] + config.markdown_table() + text[end:])
+        f.write(env_tables(text))
     return 0
 
 
