@@ -48,6 +48,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["first-image"]:  # its own options (see first_image.py)
+        from . import first_image
+
+        return first_image.main(argv[1:])
     ap = argparse.ArgumentParser(prog="comfy-xdit", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run a FLUX text-to-image workflow headless, plugin off and on")
@@ -59,6 +63,8 @@ def main(argv=None) -> int:
     d.add_argument("--workers", type=int, help="ranks (default: all GPUs; 2 on CPU)")
     d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
     sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
+    sub.add_parser("first-image", help="time from starting ComfyUI to the first image: alone, plugin cold and "
+                                       "warm restart, a new resolution (first-image --help)")
     sub.add_parser("doctor", help="what the plugin finds on this machine")
     t = sub.add_parser("env-table", help="print an environment-variable table (user: README.md; tuning, "
                                          "diagnostics: docs/configuration.md)")
