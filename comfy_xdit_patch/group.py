@@ -101,6 +101,17 @@ def _start_ray(config: Config) -> None:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
+def rank_env() -> dict:
+    """Environment the ranks start with, over the one they inherit from ComfyUI's process. ComfyUI's main.py
+    asks for torch's cudaMallocAsync allocator (PYTORCH_CUDA_ALLOC_CONF); under it, capturing a call of the
+    compiled blocks as a CUDA graph aborts the rank ("uncaptured free of a captured allocation", 1x H200),
+    so the ranks get torch's own caching allocator, with any other allocator option kept."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    # NOTE: read when a process first uses CUDA, so it must be set before the rank's process starts
+    kept = [p for p in conf.split(",") if p.strip() and not p.strip().startswith("backend:")]
+    return {"PYTORCH_CUDA_ALLOC_CONF": ",".join(kept)}
+
+
 class WorkerGroup:
     def __init__(self, config: Config):
         self.config = config
@@ -139,6 +150,7 @@ class WorkerGroup:
         actor = ray.remote(Worker)
         self.actors = [
             actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None,
+                          runtime_env={"env_vars": rank_env()},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, self.world, comfy_root(), self.config)
             for r in range(self.world)

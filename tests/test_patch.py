@@ -131,3 +131,14 @@ def test_prestarted_group_outlives_the_thread_that_started_it():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", _PRESTART], cwd=root, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_ranks_start_with_torchs_own_cuda_allocator(monkeypatch):
+    """ComfyUI's main.py asks for cudaMallocAsync; the ranks' environment drops that backend (CUDA graph
+    capture of the compiled blocks aborted under it) and keeps every other allocator option."""
+    from comfy_xdit_patch.group import rank_env
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,backend:cudaMallocAsync")
+    assert rank_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert rank_env() == {"PYTORCH_CUDA_ALLOC_CONF": ""}

@@ -5,6 +5,7 @@ way a user's ComfyUI does: installed in custom_nodes/, switched by environment v
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -47,6 +48,10 @@ class Server:
                "--base-directory", self.base_dir, "--disable-auto-launch", *self.extra_args]
         if self.cpu:
             cmd.append("--cpu")
+        if importlib.util.find_spec("comfyui_frontend_package") is None:  # headless: no page is ever served
+            empty = os.path.join(self.base_dir, "no_frontend")
+            os.makedirs(empty, exist_ok=True)
+            cmd += ["--front-end-root", empty]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
