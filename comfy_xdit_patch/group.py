@@ -188,8 +188,8 @@ class WorkerGroup:
 
         have = nodes.room(ray.nodes(), bundle)
         if have < self.world:
-            raise ClusterShort(f"the Ray cluster has room for {have} of {self.world} ranks; running FLUX locally "
-                               f"until it has room again")
+            raise ClusterShort(f"the Ray cluster has room for {have} of {self.world} ranks now (each FLUX run "
+                               f"checks again)")
 
     def check_alive(self) -> None:
         import ray

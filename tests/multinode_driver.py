@@ -2,10 +2,10 @@
 the cluster named by COMFY_XDIT_RAY_ADDRESS, and Ray stays out of pytest's process (which holds the
 session's private cluster). Prints one JSON line: what each phase saw.
 
-    python tests/multinode_driver.py MODEL NODE_PGID [--measure N]
+    python tests/multinode_driver.py MODEL NODE_PID [--measure N]
 
 Phases: references with the plugin detached; cfg 1 (the two ranks' one sequence-parallel group spans the
-nodes); cfg 3.5 (one CFG branch per node); the second node's processes killed at step 1 (that run falls
+nodes); cfg 3.5 (one CFG branch per node); the second node's processes (NODE_PID, its `ray start --block`, and all it started) killed at step 1 (that run falls
 back); the next run (the cluster has no room: local, one log line). --measure N instead times N routed
 calls of a larger latent and prints the per-call seconds and the bytes that crossed.
 """
@@ -51,7 +51,7 @@ def sample(model, latent, cfg, steps=4, callback=None, seed=3):
 
 
 def main() -> None:
-    model_path, node_pgid = sys.argv[1], int(sys.argv[2])
+    model_path, node_pid = sys.argv[1], int(sys.argv[2])
     measure = int(sys.argv[sys.argv.index("--measure") + 1]) if "--measure" in sys.argv else 0
     lines = Lines()
     logging.getLogger("comfy_xdit_patch").addHandler(lines)
@@ -88,8 +88,15 @@ def main() -> None:
     fallbacks, routed = router.stats["fallbacks"], router.stats["routed_calls"]
 
     def kill_node(step, *_):
-        if step == 1:
-            os.killpg(node_pgid, signal.SIGKILL)
+        if step == 1:  # the node's `ray start` and all it started (Ray's workers have process groups of their own)
+            import psutil
+
+            root = psutil.Process(node_pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    p.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
 
     img = sample(model, latent, 1.0, callback=kill_node)
     out["killed"] = {"diff": (img - refs[1.0]).abs().max().item(), "fallbacks": router.stats["fallbacks"] - fallbacks,

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,29 +103,61 @@ def test_missing_model_file_runs_locally_and_plugin_stays_on(router, unrouted, t
 
 
 # --- a real two-node cluster -----------------------------------------------------------------------
+def tree(pid: int) -> list:
+    """The process and all its descendants (psutil.Process objects), as they are now."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 class Node:
-    """One `ray start --block` in a process group of its own: every process of the node (raylet, its
-    agents, the actors it starts) is in it, so the test can stop the node, and only it, by that group."""
+    """One `ray start --block` and everything it starts. NOTE: Ray's worker processes make process groups
+    of their own, so the node is stopped by its process tree (taken before anything is killed: orphans
+    are re-parented), never by name or by `ray stop`, which would stop every Ray on the machine."""
 
     def __init__(self, args: list[str], env: dict, log: str):
         self.log = open(log, "w")
         self.proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pgid = self.proc.pid
+        self.pid = self.proc.pid
+        self.seen: dict = {}
 
     def members(self) -> list[int]:
-        out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout.split()
-        return [int(p) for p, g in zip(out[::2], out[1::2]) if int(g) == self.pgid]
+        """This node's processes still running (all it has started, as far as this test saw them)."""
+        for p in tree(self.pid):
+            self.seen.setdefault(p.pid, p)
+        return [pid for pid, p in self.seen.items() if p.is_running() and p.status() != "zombie"]
+
+    def wait_listening(self, port: int, log: str, timeout: float = 120) -> None:
+        """Until the head's GCS takes connections; fails at once if `ray start` exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, open(log).read()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"the head did not listen on {port} within {timeout:.0f}s")
 
     def stop(self) -> None:
+        import psutil
+
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.pgid, sig)
-            except ProcessLookupError:
-                break
+            for pid in self.members():
+                try:
+                    self.seen[pid].send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
             deadline = time.monotonic() + wait
             while self.members() and time.monotonic() < deadline:
                 time.sleep(0.2)
+            if not self.members():
+                break
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -152,12 +185,13 @@ def cluster(tmp_path):
     started = []
     try:
         started.append(Node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
-                             "false", *common, *_ports("ray-client-server-port", "dashboard-port",
+                             "false", *common, *_ports("dashboard-port",
                                                        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                        "metrics-export-port", "runtime-env-agent-port",
                                                        "node-manager-port", "object-manager-port")],
                             env, str(tmp_path / "head.log")))
         address = f"127.0.0.1:{port}"
+        started[0].wait_listening(port, str(tmp_path / "head.log"))
         started.append(Node(["--address", address, "--node-ip-address", "127.0.0.2", *common,
                              *_ports("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                                      "runtime-env-agent-port", "node-manager-port", "object-manager-port")],
@@ -165,9 +199,9 @@ def cluster(tmp_path):
         # both nodes alive, seen from a throwaway driver (Ray stays out of this process)
         wait = ("import ray, time; ray.init(address=%r, log_to_driver=False)\n"
                 "t = time.monotonic()\n"
-                "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() - t < 120: time.sleep(0.5)\n"
+                "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() - t < 90: time.sleep(0.5)\n"
                 "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-        alive = subprocess.run([sys.executable, "-c", wait], env=env, capture_output=True, text=True, timeout=300)
+        alive = subprocess.run([sys.executable, "-c", wait], env=env, capture_output=True, text=True, timeout=150)
         assert alive.stdout.strip().endswith("2"), (alive.stdout, alive.stderr[-2000:], open(tmp_path / "node2.log").read())
         yield {"address": address, "env": env, "head": started[0], "second": started[1]}
     finally:
@@ -182,7 +216,7 @@ def _drive(cluster, model: str, *extra: str, timeout: float = 900) -> dict:
     env = dict(cluster["env"], COMFY_XDIT="1", COMFY_XDIT_WORKERS="2", COMFY_XDIT_RAY_ADDRESS=cluster["address"],
                COMFY_XDIT_TIMEOUT="120", COMFY_XDIT_START_TIMEOUT="240", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multinode_driver.py"), model,
-                           str(cluster["second"].pgid), *extra], env=env, capture_output=True, text=True,
+                           str(cluster["second"].pid), *extra], env=env, capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -192,6 +226,7 @@ def _drive(cluster, model: str, *extra: str, timeout: float = 900) -> dict:
 @pytest.mark.timeout(1500)
 def test_two_node_cluster(cluster, tiny_flux):
     seen = _drive(cluster, tiny_flux)
+    print(json.dumps(seen, indent=1))  # shown with -s, or on failure
     one, cfg = seen["cfg1.0"], seen["cfg3.5"]
     # the two ranks on different nodes: rank 0 beside the driver (the head), rank 1 on 127.0.0.2
     assert len(set(one["node_of"])) == 2 and one["ips"][1] == "127.0.0.2" and one["ips"][0] != "127.0.0.2"
