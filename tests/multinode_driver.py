@@ -114,16 +114,25 @@ def main() -> None:
 
 
 def time_calls(router, model, n: int) -> dict:
-    """Seconds per routed call (after one warm-up run) and the request bytes that crossed to rank 0."""
-    latent = tiny.latent(256, 256)
-    sample(model, latent, 1.0, steps=2)
+    """Seconds per routed call at two sizes and cfg 1 / 3.5 (after a warm-up run each), and of a request
+    with no tensors that every rank answers (the channel's round trip alone)."""
+    out = {}
+    for size in (64, 256):
+        for cfg in (1.0, 3.5):
+            latent = tiny.latent(size, size)
+            sample(model, latent, cfg, steps=2)
+            calls, seconds = router.stats["routed_calls"], router.timing["call_seconds"]
+            sample(model, latent, cfg, steps=n)
+            calls, seconds = router.stats["routed_calls"] - calls, router.timing["call_seconds"] - seconds
+            out[f"{size}px cfg{cfg} per call ms"] = round(1e3 * seconds / calls, 2)
     group = router.group
-    calls, seconds = router.stats["routed_calls"], router.timing["call_seconds"]
-    sample(model, latent, 1.0, steps=n)
-    calls, seconds = router.stats["routed_calls"] - calls, router.timing["call_seconds"] - seconds
-    return {"per_call": seconds / calls, "calls": calls, "ips": group.ips, "shared": group.channel.shared,
-            "crossed": dict(group.channel.crossed),
-            "layouts": {k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")}}
+    t0 = time.perf_counter()
+    for _ in range(50):
+        group.request("stats", False, all_reply=True)
+    out["round trip ms"] = round(1e3 * (time.perf_counter() - t0) / 50, 2)
+    out.update(ips=group.ips, shared=group.channel.shared, crossed=dict(group.channel.crossed),
+               layouts={k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")})
+    return out
 
 
 if __name__ == "__main__":
