@@ -85,6 +85,9 @@ class DriverChannel:
         self.spin_lead: float | None = None  # see _replies; None: always sleep until woken (CPU ranks)
         self._expect: dict = {}  # (op, tensor shapes) -> seconds rank 0's reply took last time
         self.waited = 0.0
+        # requests by op that went the across-hosts way (TCP to every rank, tensor bytes to rank 0 only,
+        # which broadcasts them): how a test or the bench tells that calls crossed hosts
+        self.crossed = collections.Counter()
         # sums of CLOCK_MONOTONIC instants (sent, rank 0's reply seen), against the ranks' (one host: see
         # WorkerChannel.clock): where the time between sending and the reply goes
         self.clock = collections.Counter()
@@ -190,6 +193,8 @@ class DriverChannel:
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
             self.timing["send"] += time.perf_counter() - t0
+            if not self.shared:
+                self.crossed[op] += 1
             try:
                 out = self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"),
                                     self._expect.get(key), op)

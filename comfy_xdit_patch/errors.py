@@ -35,3 +35,13 @@ class Unroutable(RoutingError):
     """This input can't be routed (it runs locally); nothing is wrong with the group."""
 
     transient = True
+
+
+class ClusterShort(Unroutable):
+    """A joined Ray cluster has no room for the group now (a node left, or is busy): this run is computed
+    in ComfyUI's process and the next one tries again; nothing on this side is broken."""
+
+
+class ModelFileMissing(Unroutable):
+    """A model's file is not on a rank's node: that model runs in ComfyUI's process (checked again on every
+    run, so copying the file there is enough); other models keep being routed."""

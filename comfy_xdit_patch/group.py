@@ -15,8 +15,9 @@ import threading
 import time
 
 from . import channel as channel_mod
+from . import nodes
 from .config import Config
-from .errors import GroupBroken, StepTimeout, WorkerDied
+from .errors import ClusterShort, GroupBroken, ModelFileMissing, StepTimeout, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class WorkerGroup:
         self.world = config.workers
         self.actors: list = []
         self.pids: list[int] = []
+        self.ips: list[str] = []  # each rank's node address
+        self.node_of: tuple = ()  # each rank's Ray node id
         self.serving: list = []
         self.pg = None
         self.channel: channel_mod.DriverChannel | None = None
@@ -142,22 +145,31 @@ class WorkerGroup:
         from .worker import Worker
 
         bundle = {"CPU": 1, "GPU": 1} if self.config.use_gpu else {"CPU": 1}
+        self._check_room(bundle)
         self.pg = placement_group([bundle] * self.world, strategy="PACK")
-        try:
-            ray.get(self.pg.ready(), timeout=left())
-        except ray.exceptions.GetTimeoutError as e:
-            raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}") from e
+        ready = self.pg.ready()
+        while not ray.wait([ready], timeout=max(0.0, min(1.0, deadline - time.perf_counter())))[0]:
+            if deadline - time.perf_counter() <= 0:
+                raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}")
+            self._check_room(bundle)  # a joined cluster that lost a node: say so now, not at the timeout
+        # NOTE: ranks are numbered by node (bundles grouped per node, the driver's first): each node then
+        # holds consecutive ranks, as every sequence-parallel group does (worker.build_groups), so with
+        # the CFG split across nodes (layout.choose_mesh) no all-to-all crosses the network.
+        placed = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        bundle_nodes = [placed[b] for b in range(self.world)]
+        order = nodes.rank_order(bundle_nodes, ray.get_runtime_context().get_node_id())
+        self.node_of = tuple(bundle_nodes[b] for b in order)
         actor = ray.remote(Worker)
         self.actors = [
             actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None,
                           runtime_env={"env_vars": rank_env()},
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b))
             .remote(r, self.world, comfy_root(), self.config)
-            for r in range(self.world)
+            for r, b in enumerate(order)
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=left())
         self.pids, ips = zip(*ray.get([a.where.remote() for a in self.actors], timeout=left()))
-        self.pids = list(self.pids)
+        self.pids, self.ips = list(self.pids), list(ips)
         backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
         self.attention = backends[0]
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
@@ -172,7 +184,21 @@ class WorkerGroup:
         self.start_seconds = self.ready_at - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
                  "GPU" if self.config.use_gpu else "CPU", self.attention, self.start_seconds)
+        if len(set(self.node_of)) > 1:
+            log.info("comfy_xdit_patch: the ranks span %d Ray nodes: %s", len(set(self.node_of)),
+                     ", ".join(f"rank {r} on {ip}" for r, ip in enumerate(self.ips)))
         return self
+
+    def _check_room(self, bundle: dict) -> None:
+        """On a joined cluster, refuse (this run only) when its alive nodes can't hold the group at all."""
+        if not self.config.ray_address:
+            return
+        import ray
+
+        have = nodes.room(ray.nodes(), bundle)
+        if have < self.world:
+            raise ClusterShort(f"the Ray cluster has room for {have} of {self.world} ranks now (each FLUX run "
+                               f"checks again)")
 
     def check_alive(self) -> None:
         import ray
@@ -203,7 +229,10 @@ class WorkerGroup:
         light = dataclasses.replace(spec, patches=None) if spec.patches else spec
         replies = self.request("prepare", light, all_reply=True, timeout=self.config.load_timeout)
         if "missing" in replies.values():
-            self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+            replies = self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+        absent = {r: v for r, v in replies.items() if isinstance(v, tuple)}
+        if absent:
+            raise ModelFileMissing(nodes.absent_message(absent))
 
     def call(self, key: str, family: str, mesh, chunks: int, call, device):
         return self.request("call", (key, family, mesh, chunks, call.args, call.kwargs), keep=call.static,

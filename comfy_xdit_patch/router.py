@@ -195,8 +195,14 @@ class Router:
             if call.reason:
                 raise Unroutable(call.reason)
             heads = plans.head_count(run.plan, model)
+            node_of = self.group.node_of
             mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
-                                            "yunchang" in self.group.attention, self.group.attention == "gather")
+                                            "yunchang" in self.group.attention, self.group.attention == "gather",
+                                            node_of)
+            if plans.layout.spanning(mesh, node_of):  # allowed: the only split a batch of 1 leaves; said once
+                self._once(("spanning", mesh), "comfy_xdit_patch: layout %s puts sequence-parallel ranks of %d "
+                           "nodes in one group: its all-to-alls cross the network (a CFG > 1 or batch > 1 run "
+                           "splits across nodes instead)", mesh, len(set(node_of)))
             shape = (tuple(args[0].shape), mesh)
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
             chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1

@@ -28,6 +28,12 @@ class ModelSpec:
     patches_uuid: uuid.UUID
     object_patches: dict
     force_cast_weights: bool
+    files: tuple[str, ...] = ()  # the recipe's arguments that are files here; each rank's node needs them
+
+
+def missing_files(spec: ModelSpec) -> list[str]:
+    """The model's files that are not on this node (checked on each rank before it loads)."""
+    return [p for p in spec.files if not os.path.isfile(p)]
 
 
 def _fingerprint(recipe: tuple) -> str:
@@ -54,4 +60,8 @@ def spec_for(patcher) -> ModelSpec:
         raise Unroutable(f"the model's recipe or object patches can't be sent to workers ({e})") from e
     base = _fingerprint(recipe)
     key = f"{base}|{patcher.patches_uuid}|{objects_id}|{patcher.force_cast_weights}"
-    return ModelSpec(base, key, recipe, patcher.patches, patcher.patches_uuid, objects, patcher.force_cast_weights)
+    # the loader's file arguments (absolute paths that are not directories here; a file that went away
+    # here too is then reported as missing on the ranks' nodes, rather than as a loader's traceback)
+    files = tuple(a for a in recipe[1] if isinstance(a, str) and os.path.isabs(a) and not os.path.isdir(a))
+    return ModelSpec(base, key, recipe, patcher.patches, patcher.patches_uuid, objects, patcher.force_cast_weights,
+                     files)

@@ -234,9 +234,16 @@ class Worker:
         return patcher
 
     def prepare(self, spec) -> str:
-        """Make the model of `spec` (base + patches) current on the device ("missing": send patches)."""
+        """Make the model of `spec` (base + patches) current on the device ("missing": send patches;
+        (node, paths): its files are not on this node)."""
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
+            if spec.base_key not in self.bases:
+                from .spec import missing_files
+
+                absent = missing_files(spec)
+                if absent:  # a clear refusal (group.prepare names node and path), not a loader traceback
+                    return self.where()[1], absent
             if spec.patches is None:  # sent without its patches, which this rank doesn't hold
                 return "missing"
             base = self._base(spec)

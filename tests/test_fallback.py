@@ -79,7 +79,8 @@ def test_interrupt_is_never_swallowed(router, load_flux, tiny_flux):
 
 
 def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, tmp_path, load_flux):
-    """The workers can't load the model (its file is gone): ComfyUI's result, then unpatched."""
+    """The workers can't load the model (its file is now corrupt): ComfyUI's result, then unpatched.
+    (A file that is gone is refused per model instead: test_multinode.py.)"""
     from comfy_xdit_patch import patch
 
     path = shutil.copy(tiny_flux, tmp_path / "soon_gone.safetensors")
@@ -87,13 +88,14 @@ def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, t
     pos, neg, latent = tiny.conditioning(1), tiny.conditioning(2), tiny.latent(64, 48)
     with unrouted():
         reference = sample(model, pos, neg, latent)
-    os.remove(path)
+    with open(path, "r+b") as f:  # same size: a truncated header the loader can't read
+        f.write(b"\xff" * 64)
     patch.uninstall()  # a fresh plugin instance for this destructive test; the session one comes back after
     fresh = patch.install(config)
     try:
         out = sample(model, pos, neg, latent)
         assert (out - reference).abs().max().item() <= TOL
-        assert fresh.disabled and "FileNotFoundError" in fresh.disabled
+        assert fresh.disabled and "WorkerFailed" in fresh.disabled
         assert not patch.installed()
         assert_originals()
     finally:

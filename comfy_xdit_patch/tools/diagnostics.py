@@ -196,7 +196,8 @@ class DriverDiagnostics:
         batch, heads = 2 if cfg != 1 else 1, 2 if tiny else 24
         try:
             mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel,
-                                            "yunchang" in group.attention, group.attention == "gather")
+                                            "yunchang" in group.attention, group.attention == "gather",
+                                            group.node_of)
         except plans.LayoutError:  # this layout doesn't take this input (it ran locally)
             return float("nan")
         if mesh.sp == 1:
