@@ -108,6 +108,7 @@ class WorkerGroup:
         self.world = config.workers
         self.actors: list = []
         self.pids: list[int] = []
+        self.hosts: list[str] = []
         self.serving: list = []
         self.pg = None
         self.channel: channel_mod.DriverChannel | None = None
@@ -148,7 +149,7 @@ class WorkerGroup:
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=left())
         self.pids, ips = zip(*ray.get([a.where.remote() for a in self.actors], timeout=left()))
-        self.pids = list(self.pids)
+        self.pids, self.hosts = list(self.pids), list(ips)
         backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
         self.attention = backends[0]
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.

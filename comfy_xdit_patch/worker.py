@@ -213,6 +213,9 @@ class Worker:
                "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
                "clock": dict(self.clock), "pinned": self.channel.pinned,
                "load_seconds": self.load_seconds, "models": list(self.bases), "max_memory": self._max_memory()}
+        from .status import device_facts
+
+        out.update(device_facts(self.torch, self.device))  # host, GPU name, memory now and peak
         if reset:
             self.counters["calls"], self.busy, self.gpu_busy, self.launch, self.prelude = 0, 0.0, 0.0, 0.0, 0.0
             if self.graphs:
