@@ -161,10 +161,10 @@ class Router:
         group = self._group()
         run.spec = spec_for(run.patcher)
         if run.spec.key != self._current:
-            self._set("loading", f"loading {run.plan.family} on {group.world} ranks")
+            self._set("loading", f"loading {run.plan.family.upper()} on {group.world} ranks")
         group.prepare(run.spec)
         self._current = run.spec.key
-        self._set("ready", f"{run.plan.family} on {group.world} ranks")
+        self._set("ready", f"{run.plan.family.upper()} on {group.world} ranks")
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
 
     def prestart(self) -> threading.Thread:
@@ -254,7 +254,7 @@ class Router:
         self.last_call = time.time()
         if shape not in self._warm:
             self._warm.add(shape)
-            self._set("ready", f"{run.plan.family} on {self.group.world} ranks, {run.size}, {mesh}")
+            self._set("ready", f"{run.plan.family.upper()} on {self.group.world} ranks, {run.size}, {mesh}")
         return out
 
     def _first_call(self, run: Run, mesh) -> None:

@@ -49,7 +49,7 @@ def _attach(mm, status):
         return status.plugin_off(str(e))
     if not config.enabled:
         log.info("comfy_xdit_patch: off (COMFY_XDIT=%s, %d GPU(s) visible)", os.environ.get("COMFY_XDIT", "unset"), gpus)
-        why = "COMFY_XDIT=0" if "COMFY_XDIT" in os.environ else f"COMFY_XDIT is unset and {gpus} GPU(s) are visible " \
+        why = f"COMFY_XDIT={os.environ['COMFY_XDIT']}" if os.environ.get("COMFY_XDIT") else f"COMFY_XDIT is unset and {gpus} GPU(s) are visible " \
               "(on by default with 2 or more; set COMFY_XDIT=1 to use CPU ranks)"
         return status.plugin_off(why, config)
     try:
