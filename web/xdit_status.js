@@ -5,10 +5,12 @@ import { api } from "../../scripts/api.js";
 
 const STYLE = `
 .xdit-panel { padding: 10px; font-size: 13px; line-height: 1.45; overflow-y: auto; height: 100%; }
-.xdit-panel h3 { margin: 0 0 6px 0; font-size: 15px; }
+.xdit-panel h3 { margin: 10px 0 6px 0; font-size: 15px; }
 .xdit-panel table { border-collapse: collapse; width: 100%; margin: 4px 0 10px 0; }
 .xdit-panel th, .xdit-panel td { text-align: left; padding: 2px 6px 2px 0; border-bottom: 1px solid #8884; }
 .xdit-panel .xdit-muted { opacity: 0.7; }
+.xdit-panel .xdit-rank { margin: 6px 0; padding: 4px 6px; border: 1px solid #8885; border-radius: 4px; }
+.xdit-panel > div { margin: 2px 0; }
 .xdit-panel .xdit-state { display: inline-block; padding: 0 6px; border-radius: 4px; font-weight: 600; }
 .xdit-state-ready { background: #2e7d32; color: #fff; }
 .xdit-state-off, .xdit-state-idle { background: #616161; color: #fff; }
@@ -20,6 +22,7 @@ const MiB = (b) => (b == null ? "–" : `${(b / 2 ** 20).toFixed(0)} MiB`);
 const ago = (t) => (t == null ? "–" : `${Math.max(0, Math.round(Date.now() / 1000 - t))} s ago`);
 const esc = (s) => String(s ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 
+const PROGRESS = ["starting", "loading", "compiling"];
 let last = null;
 let root = null;
 let refresh = null;
@@ -34,11 +37,12 @@ function render() {
   const on = s.enabled ? "on" : "off";
   const why = s.reason ? ` — <span data-xdit="reason">${esc(s.reason)}</span>` : "";
   const rows = (s.ranks || []).map((r) => `
-    <tr data-xdit-rank="${r.rank}">
-      <td>${r.rank}</td><td data-xdit="rank-state">${esc(r.state)}</td><td>${esc(r.pid)}</td>
-      <td>${esc(r.host)}</td><td>${esc(r.gpu || r.device)}</td>
-      <td>${MiB(r.memory)} / ${MiB(r.memory_peak)}</td><td>${r.calls ?? "–"}</td><td>${ago(r.last_call)}</td>
-    </tr>`).join("");
+    <div class="xdit-rank" data-xdit-rank="${r.rank}">
+      <div><b>rank ${r.rank}</b> <span class="xdit-state xdit-state-${esc(r.state)}" data-xdit="rank-state">${esc(r.state)}</span>
+        <span class="xdit-muted">pid ${esc(r.pid)} on ${esc(r.host)}</span></div>
+      <div>${esc(r.gpu || r.device)} · ${MiB(r.memory)} (peak ${MiB(r.memory_peak)})</div>
+      <div>${r.calls ?? "–"} calls · last ${ago(r.last_call)}</div>
+    </div>`).join("");
   const run = s.run ? `<div>running now: <b>${s.run.routed}</b> routed, ${s.run.local} local</div>` : "";
   const lr = s.last_run;
   const lastRun = lr ? `
@@ -58,8 +62,7 @@ function render() {
       <span data-xdit="detail">${esc(s.detail || "")}</span></div>
     ${s.workers ? `<div>${s.workers} ${esc(s.device)} ranks, ${esc(s.attention || "–")} attention</div>` : ""}
     ${run}
-    ${rows ? `<table data-xdit="ranks"><tr><th>rank</th><th>state</th><th>pid</th><th>host</th><th>device</th>
-      <th>memory / peak</th><th>calls</th><th>last call</th></tr>${rows}</table>` : ""}
+    ${rows}
     <h3>last sampling run</h3>${lastRun}
     <div>fallbacks: <span data-xdit="fallbacks">${s.fallbacks}</span>, restarts: ${s.restarts}</div>${fb}
     <div class="xdit-muted">plugin ${esc(v.plugin)}, ComfyUI ${esc(v.comfyui)}, torch ${esc(v.torch)}, ray ${esc(v.ray)}</div>`;
@@ -82,6 +85,10 @@ app.registerExtension({
     style.textContent = STYLE;
     document.head.appendChild(style);
     api.addEventListener("xdit.status", ({ detail }) => {
+      // the wait before a first run's first step (group start, weights, compile) is said where the user looks
+      if (PROGRESS.includes(detail.state) && detail.detail !== last?.detail) {
+        app.extensionManager?.toast?.add({ severity: "info", summary: "xDiT", detail: detail.detail, life: 4000 });
+      }
       last = detail;
       render();
       // events carry the ranks as last asked; between runs ask them again (calls, memory)
