@@ -192,8 +192,9 @@ class Router:
                 self._set("starting", f"starting {group.world} {'GPU' if group.use_gpu else 'CPU'} ranks")
                 try:
                     group.start()
-                except BaseException:
+                except BaseException as e:
                     group.shutdown()
+                    self._set("idle", f"the worker group did not start: {type(e).__name__}: {e}")
                     raise
                 self.group, self._warm, self._current = group, set(), None
                 self.stats["group_starts"] += 1

@@ -119,14 +119,18 @@ def test_panel_in_a_browser(server, tmp_path):
         button = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'button[aria-label="xDiT worker group"]'))
         browser.execute_script("arguments[0].click()", button[0])  # past any dialog in the way
         shown = wait.until(lambda b: _panel(b, By))
+        assert shown["state"] == "ready" and shown["ranks"] == ["ready", "ready"], shown
+        assert shown["routed"] == str(routed) == "4", shown
+        # live: a run queued now reaches the open panel through the xdit.status event, no reload
+        server.run(workflow(steps=3, seed=12), timeout=600)
+        assert last_line(server) == (3, 3)
+        wait.until(lambda b: (_panel(b, By) or {}).get("routed") == "3")
         # the graph that ran, for the screenshot's sake (the panel does not depend on it)
         browser.execute_script("window.comfyAPI?.app?.app?.loadApiJson?.(arguments[0], 'flux')", wf)
         time.sleep(1)
         browser.save_screenshot(str(tmp_path / "status-panel.png"))
     finally:
         browser.quit()
-    assert shown["state"] == "ready" and shown["ranks"] == ["ready", "ready"], shown
-    assert shown["routed"] == str(routed) == "4", shown
     assert os.path.getsize(tmp_path / "status-panel.png") > 10_000
 
 
