@@ -193,9 +193,31 @@ def snapshot(ask_ranks: bool = False) -> dict:
 
 
 # --- ComfyUI's server ---------------------------------------------------------------------------------
+# stages before a first run's first step, as ComfyUI's progress bar on the sampler node (stages done)
+_STAGES = {"starting": 0, "loading": 1, "compiling": 2}
+
+
+def _node_progress(state: str) -> None:
+    """On the prompt's thread only (a node is executing): the node's bar moves through the stages, then
+    the sampler's own bar takes over. NOTE: ComfyUI's hook raises its interrupt here, as in any node."""
+    stage = _STAGES.get(state)
+    context = sys.modules.get("comfy_execution.utils")
+    if stage is None or context is None or context.get_executing_context() is None:
+        return
+    import comfy.utils
+
+    try:
+        comfy.utils.ProgressBar(len(_STAGES)).update_absolute(stage)
+    except Exception as e:  # the bar is a courtesy
+        log.debug("no progress bar: %s", e)
+
+
 def changed() -> None:
     """A transition happened (router, group, end of a run, fallback): push the document to the browsers.
-    Runs on whichever thread made the transition; never raises."""
+    Runs on whichever thread made the transition; raises only ComfyUI's interrupt."""
+    router = _plugin.router
+    if router is not None:
+        _node_progress(router.state)
     push = _plugin.push
     if push is None:
         return

@@ -1,6 +1,7 @@
 """GET /xdit/status and the panel, through a real ComfyUI server (main.py --cpu) with 2 CPU ranks:
 before and after a routed prompt (counters as the log says), in a real browser, after a rank is
 killed mid-run (fallback), and with the plugin off. One server serves the module (start-up is slow)."""
+import asyncio
 import json
 import os
 import re
@@ -9,7 +10,9 @@ import signal
 import threading
 import time
 import urllib.request
+import uuid
 
+import aiohttp
 import pytest
 
 from comfy_xdit_patch.tools import headless, synthetic
@@ -54,6 +57,30 @@ def wait_for(server, test, timeout=300, ranks=True) -> dict:
         time.sleep(0.2)
 
 
+class Listener(threading.Thread):
+    """A websocket client of the server, as the browser is: keeps every message it gets."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)  # ends when the server closes the socket
+        self.client_id = uuid.uuid4().hex
+        self.url = url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
+        self.messages: list = []
+        self.ready = threading.Event()
+
+    def run(self):
+        asyncio.run(self._listen())
+
+    async def _listen(self):
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self.ready.set()
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.messages.append(json.loads(msg.data))
+
+    def of(self, kind: str) -> list:
+        return [m["data"] for m in list(self.messages) if m["type"] == kind]
+
+
 def last_line(server) -> tuple[int, int]:
     routed, total = LINE.findall(server.log())[-1]
     return int(routed), int(total)
@@ -74,7 +101,10 @@ def test_before_a_prompt(server):
 
 def test_after_a_routed_prompt(server):
     before = status(server)
-    server.run(workflow(), timeout=600)
+    listener = Listener(server.url)
+    listener.start()
+    assert listener.ready.wait(60)
+    server.run(workflow(), timeout=600, client_id=listener.client_id)
     s = status(server)
     routed, total = last_line(server)
     assert (routed, total) == (4, 4)
@@ -86,6 +116,17 @@ def test_after_a_routed_prompt(server):
     assert run["layout"] == "cfg=1,ulysses=2,ring=1" and run["size"] == "96x80" and run["steps"] == 4
     assert run["s_per_step"] > 0 and all(r["last_call"] for r in s["ranks"])
     assert s["state"] == "ready" and s["run"] is None
+    # pushed as it happened: the model loading on the ranks, then the end of the run with its counts
+    deadline = time.monotonic() + 30
+    while not any((e["last_run"] or {}).get("routed") == routed for e in listener.of("xdit.status")):
+        assert time.monotonic() < deadline, listener.of("xdit.status")
+        time.sleep(0.1)
+    events = listener.of("xdit.status")
+    assert [e["detail"] for e in events if e["state"] == "loading"] == ["loading FLUX on 2 ranks"]
+    assert events[-1]["state"] == "ready" and events[-1]["last_run"]["routed"] == routed
+    # the sampler node's progress bar: a stage of the group's (loading: 1 of 3) before the steps
+    bars = [(p["value"], p["max"]) for p in listener.of("progress")]
+    assert (1, 3) in bars and bars.index((1, 3)) < bars.index((4, 4)), bars
 
 
 @pytest.mark.slow
