@@ -220,3 +220,25 @@ def test_plugin_off_says_why(base_dir):
         s = status(off)
     assert s["enabled"] is False and s["state"] == "off" and s["reason"] == "COMFY_XDIT=0"
     assert s["ranks"] == [] and s["settings"]["enabled"] is False
+
+
+def test_broken_says_why_in_process(config):
+    """The router's own transitions, no server: what a failure that unpatches leaves in the document."""
+    from comfy_xdit_patch import status
+    from comfy_xdit_patch.router import Router
+
+    router = Router(config)
+    status.reset()
+    status.attach(router)
+    pushed = []
+    status._plugin.push = pushed.append
+    try:
+        s = status.snapshot(ask_ranks=True)  # no group: nothing to ask
+        assert s["state"] == "idle" and s["enabled"] and s["ranks"] == [] and json.dumps(s)
+        router.disable("GroupBroken: Ray could not place 2 ranks")
+        s = status.snapshot()
+        assert s["state"] == "broken" and s["enabled"] is False
+        assert s["reason"] == s["detail"] == "GroupBroken: Ray could not place 2 ranks"
+        assert pushed and pushed[-1]["state"] == "broken"
+    finally:
+        status.reset()
