@@ -33,6 +33,7 @@ class _Plugin:
     config: object = None
     router: object = None
     ranks: list | None = None  # the ranks' last answer to "stats"
+    ranks_of: object = None  # the group that gave it (a restarted group's ranks are other processes)
     ranks_at: float | None = None
     ranks_error: str | None = None
     push: object = None  # callable(dict): sends the event to the browser(s)
@@ -133,7 +134,7 @@ def _ask_ranks(group) -> None:
         # which belongs to the prompt's thread, not to this web request.
         channel = group.channel
         replies = channel.request("stats", False, all_reply=True, timeout=10, alive=group.check_alive)
-        _plugin.ranks = [replies[r] for r in range(group.world)]
+        _plugin.ranks, _plugin.ranks_of = [replies[r] for r in range(group.world)], group
         _plugin.ranks_at, _plugin.ranks_error = time.time(), None
     except Exception as e:  # a dying group: the router finds out on its next call and falls back
         _plugin.ranks_error = f"{type(e).__name__}: {e}"
@@ -142,7 +143,7 @@ def _ask_ranks(group) -> None:
 
 
 def _ranks(router, group) -> list[dict]:
-    asked = {r["rank"]: r for r in _plugin.ranks or []}
+    asked = {r["rank"]: r for r in _plugin.ranks or []} if _plugin.ranks_of is group else {}
     hosts = getattr(group, "hosts", None) or [None] * group.world
     out = []
     for rank in range(group.world):
