@@ -13,5 +13,6 @@ _spec.loader.exec_module(_hooks)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+WEB_DIRECTORY = "./web"  # the status panel (a sidebar tab): web/xdit_status.js
 
 _hooks.on_load()

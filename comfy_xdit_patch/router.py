@@ -43,6 +43,8 @@ class Run:
     loaded_here: bool = False  # ComfyUI's process loaded the weights (then it owns their state)
     routed: int = 0
     here: int = 0
+    size: str = ""  # of the first routed call, as pixels, e.g. "1024x1024" (FLUX: 8 pixels a latent cell)
+    layout: str = ""
 
 
 class Router:
@@ -57,6 +59,20 @@ class Router:
         self._on_disable = on_disable
         self._said: set = set()
         self._lock = threading.RLock()
+        # what status.py reads; set at transitions only, never per call
+        self.state, self.detail = "idle", "the worker group starts on the first FLUX run"
+        self.last_run = self.last_fallback = self.last_call = None
+        self.listeners: list = []  # callables, told after every transition (status.changed)
+        self._warm: set = set()  # (shape, layout) the current group has run: a new one compiles first
+        self._current = None  # the spec key the group holds
+
+    def _set(self, state: str, detail: str = "") -> None:
+        self.state, self.detail = state, detail
+        self._tell()
+
+    def _tell(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     @property
     def active(self) -> bool:
@@ -102,6 +118,7 @@ class Router:
                        "model; stepping aside for it")
             return executor(*args, **kwargs)
         run = Run(patcher, plans.plan_for(patcher.model.diffusion_model))
+        opened = time.time()
         try:
             self._open(run)
         except Exception as e:
@@ -112,6 +129,7 @@ class Router:
         pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model, guider.model_options,
                                 is_model_options=True)
         self.run = run
+        started = time.time()
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -120,6 +138,14 @@ class Router:
                 patcher.unpatch_model(unpatch_weights=False)  # object patches back as they were
         if not run.local:
             self.restarts = 0  # the restart budget counts consecutive failing runs
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        steps = max(len(sigmas) - 1, 1) if sigmas is not None else 1
+        ended = time.time()
+        self.last_run = {"routed": run.routed, "local": run.here, "workers": self.config.workers,
+                         "layout": run.layout, "size": run.size, "steps": steps, "ended": ended,
+                         "prepare_seconds": started - opened, "seconds": ended - opened,
+                         "s_per_step": (ended - started) / steps}
+        self._tell()
         log.info("comfy_xdit_patch: %d of %d model calls ran on the %d-rank worker group", run.routed,
                  run.routed + run.here, self.config.workers)
         return out
@@ -133,7 +159,11 @@ class Router:
                                      forced, ring_ok=True, gather=self.config.attention == "gather")
         group = self._group()
         run.spec = spec_for(run.patcher)
+        if run.spec.key != self._current:
+            self._set("loading", f"loading {run.plan.family.upper()} on {group.world} ranks")
         group.prepare(run.spec)
+        self._current = run.spec.key
+        self._set("ready", f"{run.plan.family.upper()} on {group.world} ranks")
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
 
     def prestart(self) -> threading.Thread:
@@ -144,6 +174,7 @@ class Router:
             try:
                 self._group()
             except Exception as e:
+                self._set("idle", f"starting ahead failed ({type(e).__name__}: {e}); the first FLUX run tries again")
                 log.warning("comfy_xdit_patch: starting the worker group ahead failed (%s: %s); the first FLUX "
                             "run will try again", type(e).__name__, e)
 
@@ -157,13 +188,16 @@ class Router:
                 from .group import WorkerGroup
 
                 group = WorkerGroup(self.config)
+                self._set("starting", f"starting {group.world} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
                 try:
                     group.start()
-                except BaseException:
+                except BaseException as e:
                     group.shutdown()
+                    self._set("idle", f"the worker group did not start: {type(e).__name__}: {e}")
                     raise
-                self.group = group
+                self.group, self._warm, self._current = group, set(), None
                 self.stats["group_starts"] += 1
+                self._set("ready", f"{group.world} ranks up, no model loaded yet")
             return self.group
 
     # --- SAMPLER_SAMPLE: the conds of this run, processed ---------------------------------------------
@@ -204,6 +238,10 @@ class Router:
                            "nodes in one group: its all-to-alls cross the network (a CFG > 1 or batch > 1 run "
                            "splits across nodes instead)", mesh, len(set(node_of)))
             shape = (tuple(args[0].shape), mesh)
+            if not run.size:
+                run.size, run.layout = f"{args[0].shape[-1] * 8}x{args[0].shape[-2] * 8}", str(mesh)
+            if shape not in self._warm:
+                self._first_call(run, mesh)
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
             chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1
             t0 = time.perf_counter()
@@ -216,7 +254,17 @@ class Router:
         self.stats["routed_calls"] += 1
         self.stats[f"layout {mesh}"] += 1
         run.routed += 1
+        self.last_call = time.time()
+        if shape not in self._warm:
+            self._warm.add(shape)
+            self._set("ready", f"{run.plan.family.upper()} on {self.group.world} ranks, {run.size}, {mesh}")
         return out
+
+    def _first_call(self, run: Run, mesh) -> None:
+        """The first call of a shape and layout on this group compiles / captures on the ranks: say so."""
+        compiles = self.config.compile or (self.config.cuda_graphs and self.config.use_gpu)
+        self._set("compiling" if compiles else self.state,
+                  f"{'compiling' if compiles else 'first call'} for {run.size.replace('x', '×')} ({mesh})")
 
     def _local(self, executor, run: Run | None, args, kwargs):
         if run is not None:
@@ -236,6 +284,7 @@ class Router:
                 raise e
             return
         self.stats["fallbacks"] += 1
+        self.last_fallback = {"time": time.time(), "where": where, "error": f"{type(e).__name__}: {e}"}
         if run is not None:
             run.local = True
         transient = isinstance(e, RoutingError) and e.transient
@@ -250,12 +299,14 @@ class Router:
             self.disable(f"{MAX_RESTARTS} worker-group restarts; last: {type(e).__name__}: {e}")
         else:
             self.restarts += 1
+            self._set("idle", f"restarts on the next FLUX run after: {type(e).__name__}: {e}")
             log.warning("comfy_xdit_patch: the worker group was shut down; the next sampling run starts a new one")
 
     def disable(self, reason: str) -> None:
         if self.disabled is None:
             self.disabled = reason
             log.error("comfy_xdit_patch: unpatched for the rest of this process: %s", reason)
+            self._set("broken", reason)
             self._on_disable()
 
     def close_group(self) -> None:
@@ -268,3 +319,5 @@ class Router:
             self._lock.release()
         if group is not None:
             group.shutdown()
+            if self.disabled is None:
+                self._set("idle", "the worker group was shut down; the next FLUX run starts one")

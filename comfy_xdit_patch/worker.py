@@ -190,16 +190,15 @@ class Worker:
     def stats(self, reset) -> dict:
         """What this rank holds and has done (read on demand: the status endpoint, tests, the bench)."""
         cuda = self.device.type == "cuda"
-        out = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
-               "gpu": self.torch.cuda.get_device_name(self.device) if cuda else None,
-               "attention": self.attention,
+        out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
                "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
                "calls": self.counters["calls"], "last_call": self.last_call,
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "load_seconds": self.load_seconds, "models": list(self.bases),
-               "memory": self.torch.cuda.memory_allocated(self.device) if cuda else 0,
-               "max_memory": self.torch.cuda.max_memory_allocated(self.device) if cuda else 0}
+               "load_seconds": self.load_seconds, "models": list(self.bases)}
+        from .status import device_facts
+
+        out.update(device_facts(self.torch, self.device))  # host, GPU name, memory now and peak
         if self.diagnostics is not None:
             out.update(self.diagnostics.stats(reset))
         if reset:

@@ -20,6 +20,25 @@ def on_load():
         import comfy.model_management  # noqa: F401
     except ImportError:  # not inside ComfyUI (a tool importing this folder): nothing to attach to
         return None
+    from comfy_xdit_patch import status
+
+    _serve_status(status)  # also when off: the panel then says why
+    return _attach(mm, status)
+
+
+def _serve_status(status) -> None:
+    """`GET /xdit/status` and the status event on ComfyUI's own server, when there is one."""
+    server = sys.modules.get("server")  # ComfyUI's main.py imported it; a test or tool may not have
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return
+    try:
+        status.serve(instance)
+    except Exception as e:  # the plugin works without its status page
+        log.warning("comfy_xdit_patch: no status page (%s: %s)", type(e).__name__, e)
+
+
+def _attach(mm, status):
     from comfy_xdit_patch import config as cfg
 
     try:
@@ -27,19 +46,22 @@ def on_load():
         config = cfg.load(gpus=gpus)
     except cfg.ConfigError as e:
         log.error("comfy_xdit_patch: %s", e)
-        return None
+        return status.plugin_off(str(e))
     if not config.enabled:
         log.info("comfy_xdit_patch: off (COMFY_XDIT=%s, %d GPU(s) visible)", os.environ.get("COMFY_XDIT", "unset"), gpus)
-        return None
+        why = f"COMFY_XDIT={os.environ['COMFY_XDIT']}" if os.environ.get("COMFY_XDIT") else f"COMFY_XDIT is unset and {gpus} GPU(s) are visible " \
+              "(on by default with 2 or more; set COMFY_XDIT=1 to use CPU ranks)"
+        return status.plugin_off(why, config)
     try:
         import ray  # noqa: F401
         import wrapt  # noqa: F401
     except ImportError as e:
         log.error("comfy_xdit_patch: off, a dependency is missing (%s); run: python install.py", e)
-        return None
+        return status.plugin_off(f"a dependency is missing ({e}); run: python install.py", config)
     from comfy_xdit_patch import patch
 
     router = patch.install(config)
+    status.attach(router)
     if config.prestart:
         router.prestart()
     return router

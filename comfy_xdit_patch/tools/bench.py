@@ -293,7 +293,7 @@ class Bench:
                        "graph_replays": stats[0]["graph_replays"],
                        "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
                        "a2a_s": diag.exchange_seconds(size, cfg, tiny=self.a.tiny),
-                       "peak_gib": [s["max_memory"] / 2**30 for s in stats],
+                       "peak_gib": [s["memory_peak"] / 2**30 for s in stats],
                        "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
                        "psnr_db": report.psnr(latents[("lora", size, cfg) if extra else (size, cfg)], latent), **start}
                 row["speedup"] = self._baseline(size, cfg, lora=bool(extra))["s_per_step"] / row["s_per_step"]

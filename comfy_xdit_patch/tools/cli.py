@@ -18,30 +18,6 @@ def env_tables(text: str) -> str:
     return _TABLE.sub(lambda m: m.group(1) + config.markdown_table(m.group(2)) + "\n", text)
 
 
-def _doctor(_args) -> int:
-    from .. import config, locate
-
-    root = locate.find_comfyui()
-    print(f"ComfyUI: {root or 'NOT FOUND - ' + locate.HOW_TO_GET}")
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    print(f"torch {torch.__version__}, {gpus} GPU(s)")
-    for mod in ("ray", "wrapt", "yunchang"):
-        try:
-            m = __import__(mod)
-            print(f"{mod} {getattr(m, '__version__', '')}")
-        except ImportError as e:
-            print(f"{mod}: MISSING ({e})")
-    try:
-        c = config.load(gpus=gpus)
-        print(f"config: {c}")
-    except config.ConfigError as e:
-        print(f"config: {e}")
-        return 1
-    return 0 if root else 1
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own options (see bench.py)
@@ -65,7 +41,8 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
     sub.add_parser("first-image", help="time from starting ComfyUI to the first image: alone, plugin cold and "
                                        "warm restart, a new resolution (first-image --help)")
-    sub.add_parser("doctor", help="what the plugin finds on this machine")
+    doc = sub.add_parser("doctor", help="what the plugin finds on this machine; exit 1 on problems")
+    doc.add_argument("--no-ray", action="store_true", help="don't start a private Ray cluster to check it")
     t = sub.add_parser("env-table", help="print an environment-variable table (user: README.md; tuning, "
                                          "diagnostics: docs/configuration.md)")
     t.add_argument("--audience", default="user", choices=("user", "tuning", "diagnostics"))
@@ -77,7 +54,9 @@ def main(argv=None) -> int:
 
         return demo.run(a)
     if a.cmd == "doctor":
-        return _doctor(a)
+        from . import doctor
+
+        return doctor.run(a)
     from .. import config
 
     if not a.write:

@@ -75,9 +75,10 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read())
 
-    def run(self, workflow: dict, timeout: float = 1800) -> dict:
-        """Queue a workflow and wait for it. Returns {"seconds", "images", "history"}."""
-        body = json.dumps({"prompt": workflow, "client_id": uuid.uuid4().hex}).encode()
+    def run(self, workflow: dict, timeout: float = 1800, client_id: str | None = None) -> dict:
+        """Queue a workflow and wait for it. Returns {"seconds", "images", "history"}. client_id: the
+        websocket client that gets this prompt's progress messages."""
+        body = json.dumps({"prompt": workflow, "client_id": client_id or uuid.uuid4().hex}).encode()
         req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:

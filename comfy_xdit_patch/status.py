@@ -1,0 +1,244 @@
+"""What the plugin is doing, as one JSON document: `GET /xdit/status` and the `xdit.status` websocket event.
+
+The router and group keep only a few attributes that change at transitions (state, detail, last run,
+last fallback); this module reads them. The ranks are asked (the existing "stats" request) only when
+a client asks for the status and no sampling run is in progress, so the per-step path never waits on
+it; between asks the last answer is served, stamped with when it was taken.
+
+Nothing here imports ComfyUI's server at module level: the worker imports `device_facts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+EVENT = "xdit.status"
+ROUTE = "/xdit/status"
+
+# the states of the worker group, in the order a first run meets them
+STATES = ("off", "idle", "starting", "loading", "compiling", "ready", "broken")
+
+
+@dataclasses.dataclass
+class _Plugin:
+    off: str | None = None  # why the plugin is off (None: it attached)
+    config: object = None
+    router: object = None
+    ranks: list | None = None  # the ranks' last answer to "stats"
+    ranks_of: object = None  # the group that gave it (a restarted group's ranks are other processes)
+    ranks_at: float | None = None
+    ranks_error: str | None = None
+    push: object = None  # callable(dict): sends the event to the browser(s)
+
+
+_plugin = _Plugin()
+_ask_lock = threading.Lock()
+
+
+# --- what on_load tells us --------------------------------------------------------------------------
+def plugin_off(reason: str, config=None) -> None:
+    _plugin.off, _plugin.config = reason, config
+    changed()
+
+
+def attach(router) -> None:
+    _plugin.off, _plugin.config, _plugin.router = None, router.config, router
+    router.listeners.append(changed)
+
+
+def reset() -> None:
+    """Forget everything (tests that load the plugin more than once in one process)."""
+    global _plugin
+    _plugin = _Plugin()
+
+
+# --- one rank, asked on the rank ------------------------------------------------------------------
+def device_facts(torch, device) -> dict:
+    """Host, device name and memory of this process's device (rank side; CPU ranks report their RSS)."""
+    facts = {"host": socket.gethostname()}
+    if device.type == "cuda":
+        facts.update(gpu=torch.cuda.get_device_name(device), memory=torch.cuda.memory_allocated(device),
+                     memory_reserved=torch.cuda.memory_reserved(device),
+                     memory_peak=torch.cuda.max_memory_allocated(device))
+    else:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        facts.update(gpu=None, memory=rss, memory_peak=max(peak, rss))
+    return facts
+
+
+# --- the document -----------------------------------------------------------------------------------
+def _jsonable(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def settings(config) -> dict | None:
+    if config is None:
+        return None
+    return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_VERSIONS: dict = {}
+
+
+def versions() -> dict:
+    if not _VERSIONS:
+        comfy = sys.modules.get("comfyui_version")
+        if comfy is None:
+            try:
+                import comfyui_version as comfy
+            except ImportError:
+                comfy = None
+        plugin = None
+        try:
+            import tomllib
+
+            with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"),
+                      "rb") as f:
+                plugin = tomllib.load(f)["project"]["version"]
+        except (OSError, KeyError, ValueError):
+            plugin = _version("comfy_xdit_patch")
+        _VERSIONS.update(plugin=plugin, comfyui=getattr(comfy, "__version__", None), torch=_version("torch"),
+                         ray=_version("ray"), python=sys.version.split()[0])
+    return dict(_VERSIONS)
+
+
+def _ask_ranks(group) -> None:
+    """The ranks' own view: pid, device, memory, calls. One "stats" request, only between sampling runs."""
+    if not _ask_lock.acquire(blocking=False):  # another client is asking right now: serve its answer
+        return
+    try:
+        # NOTE: straight to the channel, not group.request: that one also takes ComfyUI's interrupt flag,
+        # which belongs to the prompt's thread, not to this web request.
+        channel = group.channel
+        replies = channel.request("stats", False, all_reply=True, timeout=10, alive=group.check_alive)
+        _plugin.ranks, _plugin.ranks_of = [replies[r] for r in range(group.world)], group
+        _plugin.ranks_at, _plugin.ranks_error = time.time(), None
+    except Exception as e:  # a dying group: the router finds out on its next call and falls back
+        _plugin.ranks_error = f"{type(e).__name__}: {e}"
+    finally:
+        _ask_lock.release()
+
+
+def _ranks(router, group) -> list[dict]:
+    asked = {r["rank"]: r for r in _plugin.ranks or []} if _plugin.ranks_of is group else {}
+    hosts = getattr(group, "ips", None) or [None] * group.world
+    out = []
+    for rank in range(group.world):
+        seen = asked.get(rank, {})
+        out.append({
+            "rank": rank,
+            "pid": group.pids[rank] if rank < len(group.pids) else seen.get("pid"),
+            "host": seen.get("host") or hosts[rank],
+            "device": seen.get("device"),
+            "gpu": seen.get("gpu"),
+            "memory": seen.get("memory"),
+            "memory_peak": seen.get("memory_peak"),
+            "calls": seen.get("calls"),
+            # NOTE: every routed call runs on every rank, so the driver's last routed call is each rank's
+            "last_call": router.last_call,
+            "state": router.state,
+        })
+    return out
+
+
+def snapshot(ask_ranks: bool = False) -> dict:
+    """The status document. ask_ranks: refresh the ranks' answer first (never during a sampling run)."""
+    router = _plugin.router
+    doc = {"enabled": router is not None, "reason": _plugin.off, "time": time.time(), "versions": versions(),
+           "settings": settings(_plugin.config)}
+    if router is None:
+        doc.update(state="off", detail=_plugin.off, ranks=[], last_run=None, run=None, fallbacks=0, restarts=0,
+                   last_fallback=None)
+        return doc
+    group = router.group
+    if ask_ranks and group is not None and router.run is None and router.state == "ready":
+        _ask_ranks(group)
+    if router.disabled:
+        doc.update(enabled=False, reason=router.disabled)
+    run = router.run
+    doc.update(
+        state=router.state, detail=router.detail, workers=router.config.workers,
+        device="GPU" if router.config.use_gpu else "CPU",
+        attention=getattr(group, "attention", None),
+        ranks=_ranks(router, group) if group is not None else [],
+        ranks_at=_plugin.ranks_at, ranks_error=_plugin.ranks_error,
+        run=None if run is None else {"routed": run.routed, "local": run.here},
+        last_run=router.last_run, fallbacks=router.stats["fallbacks"], last_fallback=router.last_fallback,
+        restarts=router.restarts, group_starts=router.stats["group_starts"],
+        routed_calls=router.stats["routed_calls"], local_calls=router.stats["local_calls"],
+        group_start_seconds=getattr(group, "start_seconds", None))
+    return doc
+
+
+# --- ComfyUI's server ---------------------------------------------------------------------------------
+# stages before a first run's first step, as ComfyUI's progress bar on the sampler node (stages done)
+_STAGES = {"starting": 0, "loading": 1, "compiling": 2}
+
+
+def _node_progress(state: str) -> None:
+    """On the prompt's thread only (a node is executing): the node's bar moves through the stages, then
+    the sampler's own bar takes over. NOTE: ComfyUI's hook raises its interrupt here, as in any node."""
+    stage = _STAGES.get(state)
+    context = sys.modules.get("comfy_execution.utils")
+    if stage is None or context is None or context.get_executing_context() is None:
+        return
+    import comfy.utils
+
+    try:
+        comfy.utils.ProgressBar(len(_STAGES)).update_absolute(stage)
+    except Exception as e:  # the bar is a courtesy
+        log.debug("no progress bar: %s", e)
+
+
+def changed() -> None:
+    """A transition happened (router, group, end of a run, fallback): push the document to the browsers.
+    Runs on whichever thread made the transition; raises only ComfyUI's interrupt."""
+    router = _plugin.router
+    if router is not None:
+        _node_progress(router.state)
+    push = _plugin.push
+    if push is None:
+        return
+    try:
+        push(snapshot())
+    except Exception as e:  # the server's loop is closing (exit) or not there: nobody to tell
+        log.debug("status event not sent: %s", e)
+
+
+def serve(prompt_server) -> None:
+    """`GET /xdit/status` on ComfyUI's own server, and the websocket event. Called once at plugin load,
+    before ComfyUI adds its routes to the app."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def handler(request):
+        # the ranks' answer waits on a socket: off the server's loop
+        doc = await asyncio.get_running_loop().run_in_executor(None, snapshot, request.query.get("ranks") != "0")
+        return web.json_response(doc)
+
+    prompt_server.routes.get(ROUTE)(handler)
+    _plugin.push = lambda doc: prompt_server.send_sync(EVENT, doc)
