@@ -5,8 +5,11 @@ Triton's on-disk caches, by default under /tmp: shared by every torch on the mac
 reboot. Each rank points both at `<cache dir>/compile/<key>`, where the key names everything those
 artefacts depend on: torch (with its CUDA and Triton), ComfyUI, this plugin's runtime code and the
 GPU. Another version of any of them reads another folder, so a stale artefact is never loaded. The
-folder's stamp says what it was made for; a folder whose stamp can't be read is emptied (one log line)
-and the blocks compile afresh. A cache that can't be written at all leaves torch's defaults in place.
+folder's stamp says what it was made for. Inductor fails, rather than recompiles, on an artefact it
+can't read, so only what a rank sealed after a successful call is trusted at the next start: `seal`
+records each file's size and digest, and `use` removes files written after the last seal and empties
+the folder when a sealed file changed or the stamp can't be read (one log line); the blocks then
+compile afresh. A cache that can't be written at all leaves torch's defaults in place.
 """
 from __future__ import annotations
 
@@ -59,19 +62,57 @@ def folder(root: str, parts: dict) -> str:
     return os.path.join(os.path.expanduser(root), "compile", digest)
 
 
+STAMP, SEALED = "stamp.json", "sealed.json"
+
+
+def _files(path: str) -> dict:
+    """relative path -> [size, sha256] of every artefact in the folder."""
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, path)
+            if rel in (STAMP, SEALED) or rel.endswith(".part"):
+                continue
+            with open(full, "rb") as f:
+                out[rel] = [os.path.getsize(full), hashlib.sha256(f.read()).hexdigest()]
+    return out
+
+
+def _write(path: str, value) -> None:
+    with open(path + ".part", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".part", path)
+
+
+def seal(path: str | None) -> None:
+    """Trust what the folder holds now (called after a call that compiled has succeeded)."""
+    if path is not None:
+        _write(os.path.join(path, SEALED), _files(path))
+
+
 def _check(path: str, parts: dict) -> None:
-    """Raise if the folder can't be used as it is; make it (with its stamp) if it doesn't exist."""
-    stamp = os.path.join(path, "stamp.json")
+    """Raise if the folder can't be used as it is; make it (with its stamp) if it doesn't exist. Files
+    written after the last seal are removed (a process may have died writing them)."""
+    stamp = os.path.join(path, STAMP)
     if os.path.exists(stamp):
         with open(stamp) as f:
             held = json.load(f)
         if held != parts:
             raise ValueError(f"its stamp names other versions: {held}")
+        sealed_path = os.path.join(path, SEALED)
+        sealed = {}
+        if os.path.exists(sealed_path):
+            with open(sealed_path) as f:
+                sealed = json.load(f)
+        for rel, facts in _files(path).items():
+            if rel not in sealed:
+                os.remove(os.path.join(path, rel))
+            elif facts != sealed[rel]:
+                raise ValueError(f"{rel} changed since it was sealed")
         return
     os.makedirs(path, exist_ok=True)
-    with open(stamp + ".part", "w") as f:
-        json.dump(parts, f)
-    os.replace(stamp + ".part", stamp)
+    _write(stamp, parts)
 
 
 def use(root: str, gpu: str | None) -> str | None:

@@ -90,10 +90,13 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         else:
             torch.cuda.set_device(_ray_gpu_index())  # before ComfyUI picks its device: the current one
+        self.cache_folder = None  # where compiled code is kept (compile_cache), sealed after each new shape
+        self.sealed: set = set()
         if config.compile:
             from . import compile_cache
 
-            compile_cache.use(config.cache_dir, torch.cuda.get_device_name() if config.use_gpu else "cpu")
+            self.cache_folder = compile_cache.use(config.cache_dir,
+                                                  torch.cuda.get_device_name() if config.use_gpu else "cpu")
         import comfy.model_management as mm
 
         self.torch, self.mm = torch, mm
@@ -317,10 +320,21 @@ class Worker:
         return functools.partial(run, (args, kwargs))
 
     def call(self, body, eager: bool = False):
-        captures = self.graphs.captures if self.graphs is not None else None
-        out = self.runner(body, eager)()
+        mark = self.graphs.captures if self.graphs is not None else None
+        return self.done(body, mark, self.runner(body, eager)())
+
+    def done(self, body, mark, out):
+        """After a model call: count it, settle the heap after a new graph (`mark`: captures before the call),
+        seal the compile cache after a new input shape or layout (its code was compiled and ran)."""
         self.counters["calls"] += 1
         self.last_call = time.time()
-        if captures is not None and self.graphs.captures != captures:  # a new graph: the shape's objects are made
+        if mark is not None and self.graphs.captures != mark:  # a new graph: the shape's objects are made
             _settle_heap()
+        if self.cache_folder is not None:
+            shape = (body[2], tuple(body[4][0].shape))  # mesh, x
+            if shape not in self.sealed:
+                from . import compile_cache
+
+                self.sealed.add(shape)
+                compile_cache.seal(self.cache_folder)
         return out if self.rank == 0 else None

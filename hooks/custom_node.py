@@ -23,7 +23,7 @@ def on_load():
     from comfy_xdit_patch import status
 
     _serve_status(status)  # also when off: the panel then says why
-    return _attach(mm, status)
+    return _attach(status)
 
 
 def _serve_status(status) -> None:
@@ -38,7 +38,7 @@ def _serve_status(status) -> None:
         log.warning("comfy_xdit_patch: no status page (%s: %s)", type(e).__name__, e)
 
 
-def _attach(mm, status):
+def _attach(status):
     from comfy_xdit_patch import config as cfg
 
     try:
@@ -49,8 +49,9 @@ def _attach(mm, status):
         return status.plugin_off(str(e))
     if not config.enabled:
         log.info("comfy_xdit_patch: off (COMFY_XDIT=%s, %d GPU(s) visible)", os.environ.get("COMFY_XDIT", "unset"), gpus)
-        why = f"COMFY_XDIT={os.environ['COMFY_XDIT']}" if os.environ.get("COMFY_XDIT") else f"COMFY_XDIT is unset and {gpus} GPU(s) are visible " \
-              "(on by default with 2 or more; set COMFY_XDIT=1 to use CPU ranks)"
+        why = (f"COMFY_XDIT={os.environ['COMFY_XDIT']}" if os.environ.get("COMFY_XDIT") else
+               f"COMFY_XDIT is unset and {gpus} GPU(s) are visible (on by default with 2 or more; set "
+               "COMFY_XDIT=1 to use CPU ranks)")
         return status.plugin_off(why, config)
     try:
         import ray  # noqa: F401

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from comfy_xdit_patch import compile_cache
@@ -15,8 +16,9 @@ from conftest import REPO
 
 # A child process that compiles one small function with the plugin's cache, as a rank does.
 CHILD = textwrap.dedent("""
-    import json, sys
+    import json, logging, sys
     sys.path.insert(0, {repo!r})
+    logging.basicConfig(level=logging.WARNING)
     import torch
     from torch._dynamo.utils import counters
     from comfy_xdit_patch import compile_cache
@@ -24,6 +26,7 @@ CHILD = textwrap.dedent("""
     f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, dynamic=False)
     x = torch.linspace(-2, 2, 64)
     ok = torch.allclose(f(x), torch.nn.functional.gelu(x) * 2 + 1)
+    compile_cache.seal(folder)  # as a rank does after a call that compiled
     print(json.dumps({{"folder": folder, "ok": ok, "hits": counters["inductor"]["fxgraph_cache_hit"],
                       "misses": counters["inductor"]["fxgraph_cache_miss"]}}))
 """)
@@ -38,17 +41,19 @@ def compile_in_child(root):
 
 
 def test_a_second_process_reuses_what_the_first_compiled_and_corrupt_artefacts_cost_a_compile(tmp_path):
+    """Inductor fails on an artefact it can't read; a sealed file that changed empties the folder instead."""
     first, _ = compile_in_child(tmp_path)
     second, _ = compile_in_child(tmp_path)
     assert first["ok"] and second["ok"] and first["folder"] == second["folder"]
     assert first["misses"] >= 1 and second["hits"] >= 1 and second["misses"] == 0
     for folder, _, files in os.walk(first["folder"]):
         for name in files:
-            if name != "stamp.json":
+            if name not in ("stamp.json", "sealed.json"):  # the artefacts, not the records
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(b"\x00garbage")
-    again, _ = compile_in_child(tmp_path)
-    assert again["ok"]
+    again, log = compile_in_child(tmp_path)
+    assert again["ok"] and again["misses"] >= 1  # compiled afresh
+    assert log.count("can't be read") == 1 and "changed since it was sealed" in log
 
 
 def test_the_key_changes_with_torch_comfyui_plugin_and_gpu(tmp_path, monkeypatch):
@@ -75,6 +80,26 @@ def test_the_key_changes_with_torch_comfyui_plugin_and_gpu(tmp_path, monkeypatch
     assert len(seen) == 5
 
 
+@pytest.fixture(autouse=True)
+def _restore_cache_env(monkeypatch):
+    """use() points this process's inductor and Triton at the folder; later tests must not inherit it."""
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
+
+
+def test_files_written_after_the_last_seal_are_not_trusted(tmp_path):
+    folder = compile_cache.use(str(tmp_path), "cpu")
+    os.makedirs(os.path.join(folder, "inductor"))
+    for name in ("kept", "unsealed"):
+        with open(os.path.join(folder, "inductor", name), "w") as f:
+            f.write(name)
+        if name == "kept":
+            compile_cache.seal(folder)
+    assert compile_cache.use(str(tmp_path), "cpu") == folder
+    assert os.listdir(os.path.join(folder, "inductor")) == ["kept"]
+
+
 def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, caplog):
     parts = compile_cache.components("cpu")
     folder = compile_cache.folder(str(tmp_path), parts)
@@ -83,14 +108,9 @@ def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, capl
         f.write("from before")
     with open(os.path.join(folder, "stamp.json"), "w") as f:
         f.write("{not json")
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    try:
-        with caplog.at_level(logging.WARNING, logger="comfy_xdit_patch.compile_cache"):
-            assert compile_cache.use(str(tmp_path), "cpu") == folder
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(folder, "inductor")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with caplog.at_level(logging.WARNING, logger="comfy_xdit_patch.compile_cache"):
+        assert compile_cache.use(str(tmp_path), "cpu") == folder
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(folder, "inductor")
     lines = [r for r in caplog.records if "can't be read" in r.getMessage()]
     assert len(lines) == 1 and "compile afresh" in lines[0].getMessage()
     assert not os.path.exists(os.path.join(folder, "inductor", "old"))

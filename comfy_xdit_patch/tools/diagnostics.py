@@ -56,14 +56,7 @@ class RankDiagnostics:
             torch.cuda.synchronize(w.device)
             self.gpu += self.marks[0].elapsed_time(self.marks[1]) / 1e3
         self.busy += time.perf_counter() - t0
-        # the worker's own bookkeeping (call count, heap settled after a new graph)
-        w.counters["calls"] += 1
-        w.last_call = time.time()
-        if captures is not None and w.graphs.captures != captures:
-            from ..worker import _settle_heap
-
-            _settle_heap()
-        return out if w.rank == 0 else None
+        return w.done(body, captures, out)
 
     def served(self, op: str) -> None:
         channel = self.w.channel
