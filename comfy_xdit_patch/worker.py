@@ -244,6 +244,7 @@ class Worker:
                 from .spec import missing_files
 
                 absent = missing_files(spec)
+                # NOTE: prepare has no collective, so ranks that refuse here while others load can't hang them
                 if absent:  # a clear refusal (group.prepare names node and path), not a loader traceback
                     return self.where()[1], absent
             if spec.patches is None:  # sent without its patches, which this rank doesn't hold

@@ -73,6 +73,7 @@ def main() -> None:
     for cfg in (1.0, 3.5):
         group = router._group()
         before_routed, before_crossed = router.stats["routed_calls"], group.channel.crossed["call"]
+        mark = len(lines.lines)
         img = sample(model, latent, cfg)
         group = router.group
         out[f"cfg{cfg}"] = {
@@ -81,6 +82,7 @@ def main() -> None:
             "crossed": group.channel.crossed["call"] - before_crossed,
             "ips": group.ips, "node_of": list(group.node_of),
             "layouts": {k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")},
+            "lines": [s for s in lines.lines[mark:] if "nodes in one group" in s],
             "spanning": {str(m): layout.spanning(m, group.node_of) for m in (layout.Mesh(1, 2, 1), layout.Mesh(2, 1, 1))},
         }
 

@@ -219,7 +219,9 @@ def _drive(cluster, model: str, *extra: str, timeout: float = 900) -> dict:
                            str(cluster["second"].pid), *extra], env=env, capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert reports, f"no report from the driver:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(reports[-1])
 
 
 @pytest.mark.slow
@@ -233,9 +235,11 @@ def test_two_node_cluster(cluster, tiny_flux):
     # cfg 1: equivalent, every call across hosts, the one sequence-parallel group spanning the nodes
     assert one["diff"] <= TOL and one["routed"] == 4 and one["crossed"] == 4
     assert one["layouts"] == {"cfg=1,ulysses=2,ring=1": 4}
+    assert len(one["lines"]) == 1 and "ring=1 puts sequence-parallel ranks of 2 nodes in one group" in one["lines"][0]
     # cfg 3.5: one CFG branch per node, so no sequence-parallel group (no all-to-all) crosses nodes
     assert cfg["diff"] <= TOL and cfg["routed"] == 4 and cfg["crossed"] == 4
     assert cfg["layouts"]["cfg=2,ulysses=1,ring=1"] == 4 and cfg["spanning"]["cfg=2,ulysses=1,ring=1"] == 0
+    assert cfg["lines"] == []  # nothing spans nodes at cfg 3.5
     # the second node killed at step 1: steps 0 and 1 routed, the rest computed here, same image
     killed = seen["killed"]
     assert killed["diff"] <= TOL and killed["fallbacks"] == 1 and killed["routed"] == 2
