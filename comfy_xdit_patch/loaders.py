@@ -134,6 +134,17 @@ async def record(wrapped, _instance, args, kwargs):
     return result
 
 
+def run_node(cls, **inputs) -> tuple:
+    """A node's outputs, run through ComfyUI's executor with its MODEL outputs recorded (bench, scripts)."""
+    import execution
+
+    body = (None, "comfy_xdit", cls(), {k: [v] for k, v in inputs.items()})
+    output, _, _, pending = asyncio.new_event_loop().run_until_complete(record(execution.get_output_data, None, body, {}))
+    if pending:
+        raise RuntimeError(f"{cls.__qualname__} is an async node")
+    return tuple(o[0] for o in output)
+
+
 def recorded(patcher) -> NodeCall:
     """The NodeCall that made this patcher's model; Unroutable when there is none or it can't be replayed."""
     call = patcher.attachments.get(KEY)

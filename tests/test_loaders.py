@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiny
-from comfy_xdit_patch import loaders, spec
+from comfy_xdit_patch import loaders, locate, spec
 from comfy_xdit_patch.tools import synthetic
 from conftest import ksample
 
@@ -138,17 +138,9 @@ def test_file_only_comfyui_sees_runs_local(compare, router, caplog, models, tiny
 
 
 # --- ComfyUI-GGUF --------------------------------------------------------------------------------------
-def _gguf_checkout():
-    for path in (os.environ.get("COMFYUI_GGUF_PATH"),
-                 os.path.join(os.path.dirname(nodes.__file__), "custom_nodes", "ComfyUI-GGUF")):
-        if path and os.path.isfile(os.path.join(path, "nodes.py")):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def gguf_nodes(models):
-    path = _gguf_checkout()
+    path = locate.find_comfyui_gguf()
     if path is None:
         pytest.skip("no ComfyUI-GGUF checkout (set COMFYUI_GGUF_PATH or put it in ComfyUI's custom_nodes)")
     pytest.importorskip("gguf", reason="the gguf package (requirements-test.txt) is not installed")
@@ -182,3 +174,12 @@ def test_lora_on_gguf(compare, models, gguf_nodes, qtype):
     with_lora, _, _ = compare(lambda: run(model))
     without, _, _ = compare(lambda: run(base))
     assert (with_lora - without).abs().max() > 1e-3
+
+
+def test_q8_0_blocks_match_the_gguf_package():
+    """The bench writes Q8_0 with torch (GPU-fast); the bytes are the gguf package's own quantizer's."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package (requirements-test.txt) is not installed")
+    w = torch.randn(16, 256) * torch.logspace(-3, 1, 16)[:, None]
+    w[0, :32] = 0
+    expected = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert (synthetic.q8_0(w).numpy() == expected).all()
