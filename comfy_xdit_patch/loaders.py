@@ -19,6 +19,7 @@ import os
 import pickle
 import stat
 import sys
+import traceback
 
 from .errors import Unroutable
 
@@ -190,7 +191,16 @@ def _node_class(call: NodeCall):
 
 def replay(call: NodeCall, disable_dynamic: bool = False):
     """On a rank: run the recorded loader node; its MODEL output. (`disable_dynamic` is the recipe
-    protocol's; a node decides its patcher class itself.)"""
+    protocol's; a node decides its patcher class itself.) A node this rank can't import or run makes
+    the model unroutable (it runs in ComfyUI's process), not the group broken."""
+    try:
+        return _replay(call)
+    except Exception as e:
+        log.warning("comfy_xdit_patch: replaying %s failed:\n%s", call.qualname, traceback.format_exc())
+        raise Unroutable(f"a rank could not replay the loader node {call.qualname} ({type(e).__name__}: {e})") from e
+
+
+def _replay(call: NodeCall):
     import execution
     import folder_paths
 
@@ -205,5 +215,5 @@ def replay(call: NodeCall, disable_dynamic: bool = False):
     finally:
         loop.close()
     if pending:
-        raise RuntimeError(f"{call.qualname} returned before its model was loaded (an async node)")
+        raise RuntimeError("it returned before its model was loaded (an async node)")
     return output[call.output][0]

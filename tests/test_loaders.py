@@ -56,7 +56,10 @@ def load_package(path):
 # --- core loaders ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])
 def test_unet_loader_weight_dtypes(compare, models, tiny_flux, weight_dtype):
+    """On a CPU, `_fast` stores fp8 too but computes like fp8_e4m3fn (ComfyUI's fp8 matmuls need a GPU)."""
     (model,) = execute(nodes.UNETLoader, unet_name=os.path.basename(tiny_flux), weight_dtype=weight_dtype)
+    stored = {"default": torch.float32, "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype, torch.float8_e4m3fn)
+    assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == stored
     compare(lambda: run(model))
 
 
@@ -123,6 +126,24 @@ def _runs_local(compare, router, caplog, model, words):
 def test_unpicklable_loader_input_runs_local(compare, router, caplog, models, tiny_flux, test_loader):
     (model,) = execute(test_loader, unet_name=os.path.basename(tiny_flux), options=lambda: None)
     _runs_local(compare, router, caplog, model, "can't be sent to the ranks")
+
+
+class ScriptLoader:
+    """A loader node registered by a script (here: this test module), which the ranks can't import."""
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    def load(self, unet_name):
+        import comfy.sd
+
+        return (comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(
+            folder_paths.get_full_path_or_raise("diffusion_models", unet_name))),)
+
+
+def test_node_the_ranks_cant_import_runs_local(compare, router, caplog, models, tiny_flux):
+    (model,) = execute(ScriptLoader, unet_name=os.path.basename(tiny_flux))
+    _runs_local(compare, router, caplog, model, "could not replay the loader node ScriptLoader")
 
 
 def test_file_only_comfyui_sees_runs_local(compare, router, caplog, models, tiny_flux, test_loader):
