@@ -25,7 +25,8 @@ from .errors import Unroutable
 
 log = logging.getLogger("comfy_xdit_patch.loaders")
 
-KEY = "comfy_xdit_patch.loader"  # the patcher attachment
+KEY = "comfy_xdit_patch.loader"  # the patcher attachment: a NodeCall
+FILES = "comfy_xdit_patch.files"  # the patcher attachment: stamps of a recipe's files when it loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +95,20 @@ def _unsendable(inputs) -> str | None:
 
 
 def note(obj, inputs: dict, v3_data, outputs) -> None:
-    """Attach a NodeCall to each MODEL `obj` returned that no recipe or earlier record describes."""
+    """Attach a NodeCall to each MODEL `obj` returned that no recipe or earlier record describes; stamp
+    the files of a new recipe's (so that a file changed since is refused by the ranks, not loaded)."""
     import comfy.model_patcher
     import folder_paths
 
     cls = obj if isinstance(obj, type) else type(obj)
     for index, values in enumerate(outputs or ()):
         for patcher in values if isinstance(values, list) else ():
-            if (not isinstance(patcher, comfy.model_patcher.ModelPatcher) or patcher.cached_patcher_init is not None
-                    or KEY in patcher.attachments):
+            if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or KEY in patcher.attachments:
+                continue
+            if patcher.cached_patcher_init is not None:
+                if FILES not in patcher.attachments:  # NOTE: the file as loaded, not as it may be by the run
+                    args = patcher.cached_patcher_init[1]
+                    patcher.attachments[FILES] = stamps(a for a in args if isinstance(a, str) and os.path.isfile(a))
                 continue
             problem = None
             if len(values) != 1 or getattr(cls, "INPUT_IS_LIST", False):

@@ -112,6 +112,10 @@ def test_changed_file_is_another_model(models, test_loader):
     assert spec.spec_for(old).base_key != spec.spec_for(new).base_key
     with pytest.raises(loaders.Unroutable, match="another file"):
         loaders.check_files(spec.spec_for(old).files)
+    (core,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")  # a recipe: stamped alike
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
+    with pytest.raises(loaders.Unroutable, match="another file"):
+        loaders.check_files(spec.spec_for(core).files)
 
 
 def _runs_local(compare, router, caplog, model, words):
