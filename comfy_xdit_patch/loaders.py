@@ -141,12 +141,21 @@ async def record(wrapped, _instance, args, kwargs):
     return result
 
 
+def complete(coroutine):
+    """Run one of ComfyUI's coroutines to its end from synchronous code (a rank, the bench)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
 def run_node(cls, **inputs) -> tuple:
     """A node's outputs, run through ComfyUI's executor with its MODEL outputs recorded (bench, scripts)."""
     import execution
 
     body = (None, "comfy_xdit", cls(), {k: [v] for k, v in inputs.items()})
-    output, _, _, pending = asyncio.new_event_loop().run_until_complete(record(execution.get_output_data, None, body, {}))
+    output, _, _, pending = complete(record(execution.get_output_data, None, body, {}))
     if pending:
         raise RuntimeError(f"{cls.__qualname__} is an async node")
     return tuple(o[0] for o in output)
@@ -182,8 +191,7 @@ def _node_class(call: NodeCall):
     module = sys.modules.get(call.module)
     if module is None and call.package is not None:
         # NOTE: runs the package's __init__ in this rank as ComfyUI does at start-up (its own imports too)
-        ok = asyncio.new_event_loop().run_until_complete(nodes.load_custom_node(call.package,
-                                                                                module_parent=call.parent))
+        ok = complete(nodes.load_custom_node(call.package, module_parent=call.parent))
         module = sys.modules.get(call.module)
         if not ok or module is None:
             raise RuntimeError(f"loading the custom node {call.package} did not define {call.module}")
@@ -214,12 +222,8 @@ def _replay(call: NodeCall):
     # the package's import may register folders; ComfyUI's process's view of them wins
     folder_paths.folder_names_and_paths.update(copy.deepcopy(call.folders))
     obj = cls()  # as ComfyUI's executor makes a node object, classic or V3
-    loop = asyncio.new_event_loop()
-    try:
-        output, _, _, pending = loop.run_until_complete(
-            execution.get_output_data(None, "comfy_xdit_replay", obj, call.inputs, v3_data=call.v3_data))
-    finally:
-        loop.close()
+    output, _, _, pending = complete(
+        execution.get_output_data(None, "comfy_xdit_replay", obj, call.inputs, v3_data=call.v3_data))
     if pending:
         raise RuntimeError("it returned before its model was loaded (an async node)")
     return output[call.output][0]

@@ -24,7 +24,8 @@ TEST_NODES = os.path.join(HERE, "custom_nodes", "xdit_test_loader")
 
 def execute(cls, **inputs):
     """A node's outputs, run the way ComfyUI's executor runs it (the seam the plugin records at)."""
-    output, _, _, pending = asyncio.run(execution.get_output_data(None, "1", cls(), {k: [v] for k, v in inputs.items()}))
+    body = {k: [v] for k, v in inputs.items()}
+    output, _, _, pending = asyncio.run(execution.get_output_data(None, "1", cls(), body))
     assert not pending
     return tuple(o[0] for o in output)
 
@@ -81,6 +82,7 @@ def test_quantized_checkpoints(compare, models, layout):
     _, sd = models
     name = saved(models, f"tiny_flux_{layout}.safetensors", synthetic.scaled_fp8(sd, layout))
     (model,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")
+    assert type(model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight).__name__ == "QuantizedTensor"
     compare(lambda: run(model))
 
 

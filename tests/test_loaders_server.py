@@ -29,7 +29,8 @@ def base_dir(tmp_path_factory, router, tiny_flux):
         os.symlink(package, link)
     sd = comfy.utils.load_torch_file(tiny_flux)
     synthetic.save_gguf(sd, os.path.join(base, "models/diffusion_models/tiny_flux_Q8_0.gguf"), "Q8_0")
-    synthetic.save(synthetic.lora(sd, rank=4, seed=1, scale=0.1), os.path.join(base, "models/loras/tiny_lora.safetensors"))
+    lora = synthetic.lora(sd, rank=4, seed=1, scale=0.1)
+    synthetic.save(lora, os.path.join(base, "models/loras/tiny_lora.safetensors"))
     synthetic.save(synthetic.taesd_vae(16, seed=0), os.path.join(base, "models/vae/tiny_taesd16.safetensors"))
     return base
 
@@ -46,7 +47,8 @@ def workflow():
 def render(base_dir, enabled):
     name = "on" if enabled else "off"
     env = {"COMFY_XDIT": enabled, "COMFY_XDIT_WORKERS": "2"}
-    with headless.Server(COMFYUI, base_dir, env=env, cpu=True, log_path=os.path.join(base_dir, f"{name}.log")) as server:
+    log_path = os.path.join(base_dir, f"{name}.log")
+    with headless.Server(COMFYUI, base_dir, env=env, cpu=True, log_path=log_path) as server:
         result = server.run(workflow(), timeout=600)
         log = server.log()
     return np.asarray(Image.open(result["images"][0])).astype(np.int16), log

@@ -4,7 +4,6 @@ through city96's ComfyUI-GGUF (UnetLoaderGGUF, run as ComfyUI's executor runs it
 the node and the ranks replay it)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -47,7 +46,7 @@ def gguf(path: str, qtype: str, workdir: str, device: str):
         os.replace(target + ".part", target)
         log.info("wrote %s in %.0f s", target, time.perf_counter() - t0)
     folder_paths.add_model_folder_path("diffusion_models", workdir)
-    if not asyncio.new_event_loop().run_until_complete(nodes.load_custom_node(package)):
+    if not loaders.complete(nodes.load_custom_node(package)):
         raise SystemExit(f"ComfyUI could not load {package}")
     (patcher,) = loaders.run_node(nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"], unet_name=name)
     return patcher
