@@ -194,7 +194,7 @@ class Worker:
                     done = channel.replying
                 self.clock[f"{op} arrived"] += channel.arrived
                 self.clock[f"{op} done"] += done
-            except (LayoutError, Unroutable) as e:  # refused before any collective
+            except (LayoutError, Unroutable) as e:  # refused before any collective (a model: maybe by one rank)
                 channel.fail(seq, str(e), status="refused")
             except Exception as e:  # reported to the driver, which decides what happens to the group
                 log.error("request %s (%s) failed:\n%s", seq, op, traceback.format_exc())
