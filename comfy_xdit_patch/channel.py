@@ -198,6 +198,8 @@ class DriverChannel:
             try:
                 out = self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"),
                                     self._expect.get(key), op)
+            except Unroutable:  # the replies awaited were read: nothing of this request is left to drain
+                raise
             except BaseException:
                 self._abandoned = seq
                 raise
@@ -216,6 +218,7 @@ class DriverChannel:
         t0 = start = time.perf_counter()
         spin_from = t0 + expect - self.spin_lead if expect is not None and self.spin_lead is not None else None
         checked = t0
+        refused = None
         while waiting:
             now = time.perf_counter()
             if spin_from is not None and spin_from <= now < spin_from + SPIN_MAX:
@@ -246,8 +249,10 @@ class DriverChannel:
                     raise WorkerDied(f"rank {rank} went away ({e!r})") from e
                 if rseq != seq:
                     continue  # reply to a request the driver stopped waiting for (interrupt)
-                if status == "refused":
-                    raise Unroutable(value)
+                if status == "refused":  # NOTE: the other awaited ranks' replies are read before raising
+                    refused = refused or value
+                    waiting.discard(rank)
+                    continue
                 if status == "error":
                     self._raise_if_a_rank_died()  # a peer's death surfaces as a collective error
                     raise WorkerFailed(f"rank {rank}: {value}")
@@ -259,6 +264,8 @@ class DriverChannel:
                 waiting.discard(rank)
                 t0 = time.perf_counter()
                 self.timing["take"] += t0 - t1
+        if refused is not None:
+            raise Unroutable(refused)
         return results if all_reply else results[0]
 
     def _raise_if_a_rank_died(self) -> None:

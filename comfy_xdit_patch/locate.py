@@ -55,3 +55,12 @@ def import_comfy(cpu: bool | None = None) -> str:
 
         args.cpu = True
     return root
+
+
+def find_comfyui_gguf() -> str | None:
+    """city96's ComfyUI-GGUF: COMFYUI_GGUF_PATH, else ComfyUI/custom_nodes/ComfyUI-GGUF."""
+    root = find_comfyui()
+    for path in (os.environ.get("COMFYUI_GGUF_PATH"), root and os.path.join(root, "custom_nodes", "ComfyUI-GGUF")):
+        if path and os.path.isfile(os.path.join(path, "nodes.py")):
+            return os.path.abspath(path)
+    return None

@@ -1,8 +1,9 @@
 """The one chokepoint that attaches the plugin to ComfyUI and takes it off again.
 
-Two wrapt wrappers, both delegating to the Router: `comfy.samplers.CFGGuider.sample` (to register
-our ComfyUI wrappers on a FLUX sampling run) and `comfy.model_management.load_models_gpu` (so a
-routed model's weights stay off this process's GPU). uninstall() puts back the exact originals.
+wrapt wrappers: `comfy.samplers.CFGGuider.sample` (to register our ComfyUI wrappers on a FLUX
+sampling run) and `comfy.model_management.load_models_gpu` (so a routed model's weights stay off this
+process's GPU), both delegating to the Router; `execution.get_output_data` (loaders.record: which
+loader node made a model that has no recipe). uninstall() puts back the exact originals.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from .config import Config
 
 log = logging.getLogger("comfy_xdit_patch")
 
-# (module, attribute path) -> router method name
+# (module, attribute path) -> router method name, or a handler of its own
 _TARGETS = (
     ("comfy.samplers", "CFGGuider.sample", "sample"),
     ("comfy.model_management", "load_models_gpu", "load_models_gpu"),
+    ("execution", "get_output_data", "loaders.record"),  # which loader node made a model without a recipe
 )
 
 _lock = threading.Lock()
@@ -55,7 +57,12 @@ def install(config: Config, router=None):
         for module_name, path, method in _TARGETS:
             owner, attr = _owner(module_name, path)
             _originals.append((owner, attr, owner.__dict__[attr]))
-            handler = getattr(router, method)
+            if method == "loaders.record":
+                from . import loaders
+
+                handler = loaders.record
+            else:
+                handler = getattr(router, method)
             wrapt.wrap_function_wrapper(owner, attr, lambda wrapped, instance, args, kwargs, h=handler:
                                         h(wrapped, instance, args, kwargs))
         _router = router

@@ -165,6 +165,7 @@ class Worker:
         import torch.distributed as dist
 
         from .channel import WorkerChannel
+        from .errors import Unroutable
         from .plans.layout import LayoutError
 
         self._on_device()
@@ -183,7 +184,7 @@ class Worker:
                     channel.reply(seq, result)
                 if self.diagnostics is not None:
                     self.diagnostics.served(op)
-            except LayoutError as e:  # every rank refuses alike, before any collective
+            except (LayoutError, Unroutable) as e:  # refused before any collective (a model: maybe by one rank)
                 channel.fail(seq, str(e), status="refused")
             except Exception as e:  # reported to the driver, which decides what happens to the group
                 log.error("request %s (%s) failed:\n%s", seq, op, traceback.format_exc())
@@ -249,6 +250,10 @@ class Worker:
                     return self.where()[1], absent
             if spec.patches is None:  # sent without its patches, which this rank doesn't hold
                 return "missing"
+            if spec.base_key not in self.bases:  # before loading: the files are the ones ComfyUI read
+                from .loaders import check_files
+
+                check_files(spec.files, self.rank)
             base = self._base(spec)
             clone = base.clone()
             clone.patches = {k: list(v) for k, v in (spec.patches or {}).items()}

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: unpatched ComfyUI on one GPU vs the plugin on N ranks, in one run.
 
     comfy-xdit bench [--sizes 1024,2048] [--steps 20] [--ranks 1,2,4] [--layouts "ulysses=2,ring=2"]
-                     [--cfg 1,3.5] [--checkpoint FILE] [--out DIR]
+                     [--cfg 1,3.5] [--checkpoint FILE] [--weights bf16|fp8|gguf-q8_0|gguf-f16] [--out DIR]
 
 Everything runs in this process, which plays ComfyUI's process: ComfyUI's own sampler
 (`comfy.sample.sample`, as KSampler does), FLUX.1-dev shapes (synthetic bf16 weights with the real
@@ -43,6 +43,10 @@ def _args(argv):
     ap.add_argument("--checkpoint", help="a FLUX diffusion-model file instead of synthetic weights")
     ap.add_argument("--baselines", help="one-GPU baselines: eager (ComfyUI alone) and/or compiled (ComfyUI + its "
                                         "TorchCompileModel node, inductor); default eager,compiled on GPU, eager on CPU")
+    ap.add_argument("--weights", default="bf16", choices=("bf16", "fp8", "gguf-q8_0", "gguf-f16"),
+                    help="how the model is loaded, the same for ComfyUI alone and the plugin: fp8 = UNETLoader's "
+                         "fp8_e4m3fn; gguf-* = ComfyUI-GGUF's UnetLoaderGGUF on a GGUF file written from the "
+                         "synthetic weights (needs COMFYUI_GGUF_PATH or ComfyUI/custom_nodes/ComfyUI-GGUF)")
     ap.add_argument("--workdir", default="/tmp/comfy_xdit_bench")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on CPU ranks (a smoke test of this script)")
@@ -97,6 +101,15 @@ class Bench:
                 os.replace(path + ".part", path)
             self.results["weights_written_seconds"] = time.perf_counter() - t0
         return path
+
+    def load(self):
+        """The model as the --weights loader makes it (what ComfyUI alone and the plugin both run)."""
+        from . import weights
+
+        t0 = time.perf_counter()
+        patcher = weights.load(self.a.weights, self.model_path(), self.a.workdir, "cpu" if self.a.tiny else "cuda")
+        self.results["weights"] = {"kind": self.a.weights, "load_s": time.perf_counter() - t0}
+        return patcher
 
     def conds(self):
         torch = self.torch
@@ -357,12 +370,10 @@ def main(argv=None) -> int:
     a = _args(argv)
     locate.import_comfy(cpu=True if a.tiny else None)
     bench = Bench(a)
-    import comfy.sd
-
     ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
     env = _settings(a.env)
     early = bench.prestart(ranks[0], env) if env.get("COMFY_XDIT_PRESTART", "1") == "1" else None
-    patcher = comfy.sd.load_diffusion_model(bench.model_path())
+    patcher = bench.load()
     latents = bench.baseline(patcher)
     cfg_ranks = {int(r) for r in a.cfg_ranks.split(",") if r}
     for i, n in enumerate(ranks):

@@ -23,6 +23,8 @@ def _x(ratio) -> str:
 def table(results: dict) -> str:
     """Every row against both one-GPU baselines (ComfyUI alone; ComfyUI + TorchCompileModel)."""
     gpu = (results["machine"]["gpus"] or ["CPU"])[0]
+    weights = results["args"].get("weights", "bf16")
+    gpu += f", {weights}" if weights != "bf16" else ""
     rows = ["| machine | size | cfg | ranks | layout | s/step | vs alone | vs compiled | compute | a2a | dispatch "
             "| PSNR vs alone | peak/GPU |", "|" + "---|" * 13]
     for b in results["baseline"]:
