@@ -247,6 +247,9 @@ class Worker:
 
     def prepare(self, spec) -> str:
         """Make the model of `spec` (base + patches) current on the device ("missing": send patches)."""
+        from .lifecycle import diag_pause
+
+        diag_pause("prepare")  # test-only (the fault matrix), off unless its variable is set
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
             if spec.patches is None:  # sent without its patches, which this rank doesn't hold
