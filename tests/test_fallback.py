@@ -102,3 +102,27 @@ def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, t
     finally:
         patch.uninstall()
         patch.install(config, router=router)
+
+
+def test_close_while_starting_cancels_the_start(config):
+    """close_group() during a group's start (the prestart thread holds the lock) never leaves the new
+    group alive: the start is cancelled, its ranks are killed, and close_group returns within seconds."""
+    import time
+
+    from comfy_xdit_patch import lifecycle
+    from comfy_xdit_patch.router import Router
+
+    fresh = Router(config)
+    thread = fresh.prestart()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (fresh._starting is not None and fresh._starting.actors):
+        time.sleep(0.05)
+    starting = fresh._starting
+    assert starting is not None and starting.actors, "the start never reached its ranks"
+    t0 = time.monotonic()
+    fresh.close_group()
+    thread.join(30)
+    assert time.monotonic() - t0 < 30 and not thread.is_alive()
+    assert fresh.group is None and fresh.active
+    assert starting.cancelled.is_set() and starting.pg is None and starting.actors == []
+    assert all(lifecycle.process_gone(pid) for pid in starting.pids)
