@@ -67,7 +67,7 @@ def growth(rows: list[dict], key) -> float:
 def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
     comfyui = locate.import_comfy(cpu=not gpu)
     faults.prepare(base_dir)
-    env = dict(faults.ENV, COMFY_XDIT_TIMEOUT="120")
+    env = {k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}
     rows = []
     with headless.Server(comfyui, base_dir, env=env, cpu=not gpu, log_path=os.path.join(base_dir, "soak.log")) as server:
         for i, p in enumerate(plan(n)):
