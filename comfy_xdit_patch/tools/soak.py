@@ -1,6 +1,7 @@
 """Soak: many prompts in a row on one ComfyUI server with the plugin on (mixed sizes, LoRA on and off,
 cfg 1 and 3.5); after each, the resident memory of ComfyUI's process and of each rank, their open file
-descriptors, the shared-memory segments they hold and, on GPUs, each rank's GPU memory (nvidia-smi).
+descriptors, the shared-memory segments they hold and, on GPUs, each rank's GPU memory (nvidia-smi: the
+rank's process, or each GPU where the container hides the pids).
 Growth from prompt 10 to the last must stay within 2 %.
 
     python -m comfy_xdit_patch.tools.soak --prompts 50 --out docs/soak.md          (CPU ranks)
@@ -22,27 +23,31 @@ SIZES = (96, 128, 160)
 LIMIT = 0.02  # growth allowed from prompt 10 to the last
 
 
-def gpu_mib() -> dict[int, float]:
-    """pid -> GPU memory (MiB) each process holds, from nvidia-smi ({} without one)."""
-    if shutil.which("nvidia-smi") is None:
-        return {}
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+def _smi(query: str) -> list[list[str]]:
+    out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, timeout=30).stdout
-    rows = {}
-    for line in out.splitlines():
-        pid, mib = (x.strip() for x in line.split(","))
-        rows[int(pid)] = rows.get(int(pid), 0.0) + float(mib)
-    return rows
+    return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def gpu_mib(ranks: list[int]) -> list[float]:
+    """GPU memory (MiB) each rank's process holds, from nvidia-smi; where the rank pids aren't visible
+    to it (a container's own pid namespace), each GPU's memory in use instead. [] without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    per_pid: dict[int, float] = {}
+    for pid, mib in _smi("compute-apps=pid,used_memory"):
+        per_pid[int(pid)] = per_pid.get(int(pid), 0.0) + float(mib)
+    if any(p in per_pid for p in ranks):
+        return [per_pid.get(p, 0.0) for p in ranks]
+    return [float(mib) for _, mib in _smi("gpu=index,memory.used")]
 
 
 def sample(root: int) -> dict:
     ranks = procs.ranks(root)
     mine = [root] + ranks
     shm = procs.shm_segments() & set().union(*(_mapped(p) for p in mine))
-    gpus = gpu_mib()
     return {"comfy_rss": procs.rss_mib(root), "rank_rss": [procs.rss_mib(p) for p in ranks],
-            "fds": sum(procs.open_fds(p) for p in mine), "shm": len(shm), "ranks": ranks,
-            "gpu": [gpus.get(p, 0.0) for p in ranks] if gpus else []}
+            "fds": sum(procs.open_fds(p) for p in mine), "shm": len(shm), "ranks": ranks, "gpu": gpu_mib(ranks)}
 
 
 def _mapped(pid: int) -> set[str]:
@@ -67,7 +72,8 @@ def growth(rows: list[dict], key) -> float:
 def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
     comfyui = locate.import_comfy(cpu=not gpu)
     faults.prepare(base_dir)
-    env = {k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}
+    # a GPU rank's first call of each size compiles its blocks (15-25 s): the default call timeout
+    env = dict({k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}, COMFY_XDIT_TIMEOUT="120")
     rows = []
     with headless.Server(comfyui, base_dir, env=env, cpu=not gpu, log_path=os.path.join(base_dir, "soak.log")) as server:
         for i, p in enumerate(plan(n)):
@@ -84,8 +90,8 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
               "shm segments": growth(rows, lambda r: r["shm"] or 1)}
     for k in range(len(rows[0]["rank_rss"])):
         checks[f"rank {k} RSS"] = growth(rows, lambda r: r["rank_rss"][k])
-        if rows[0]["gpu"]:
-            checks[f"rank {k} GPU memory"] = growth(rows, lambda r: r["gpu"][k])
+    for k in range(len(rows[0]["gpu"])):
+        checks[f"GPU memory {k}"] = growth(rows, lambda r: r["gpu"][k])
     ok = all(abs(v) <= LIMIT or v < 0 for v in checks.values()) and not ranks_changed and "failed (" not in log
     lines = [f"Soak: {n} prompts on one server ({'GPU' if gpu else 'CPU'} ranks; sizes {SIZES}, LoRA on/off, "
              f"cfg 1/3.5, 4 steps each).", "",
@@ -94,8 +100,8 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
               "open fds": (rows[9]["fds"], rows[-1]["fds"], ""), "shm segments": (rows[9]["shm"], rows[-1]["shm"], "")}
     for k in range(len(rows[0]["rank_rss"])):
         firsts[f"rank {k} RSS"] = (rows[9]["rank_rss"][k], rows[-1]["rank_rss"][k], "MiB")
-        if rows[0]["gpu"]:
-            firsts[f"rank {k} GPU memory"] = (rows[9]["gpu"][k], rows[-1]["gpu"][k], "MiB")
+    for k in range(len(rows[0]["gpu"])):
+        firsts[f"GPU memory {k}"] = (rows[9]["gpu"][k], rows[-1]["gpu"][k], "MiB")
     for name, (a, b, unit) in firsts.items():
         lines.append(f"| {name} | {a:.1f} {unit} | {b:.1f} {unit} | {checks[name] * 100:+.2f} % |")
     lines += ["", f"Same rank processes throughout: {'no' if ranks_changed else 'yes'}; fallbacks: "
