@@ -147,7 +147,6 @@ class Matrix:
 
         if when == "idle":
             hit()
-        t0 = time.monotonic()
         pid = self.server.submit(workflow(**self.reference[wf][0]))
         result = self.server.wait(pid, timeout=600, ok=ok, poll=poll)
         end = time.monotonic()
