@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import transport
-from .errors import GroupBroken, StepTimeout, Unroutable, WorkerDied, WorkerFailed
+from .errors import GroupBroken, StartTimeout, StepTimeout, Unroutable, WorkerDied, WorkerFailed
 from .transport import Inbox, Outbox, Views
 
 _CACHE_SLOTS = 8
@@ -113,7 +113,7 @@ class DriverChannel:
             alive()
             if time.monotonic() > deadline:
                 self._listener.close()
-                raise StepTimeout(f"workers did not connect within {timeout:.0f}s")
+                raise StartTimeout(f"workers did not connect within {timeout:.0f}s")
         if error:
             raise GroupBroken(f"worker connection failed: {error[0]!r}")
         self._listener.close()

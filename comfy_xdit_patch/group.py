@@ -15,9 +15,10 @@ import threading
 import time
 
 from . import channel as channel_mod
-from . import nodes
+from . import errors, lifecycle, nodes
 from .config import Config
-from .errors import ClusterShort, GroupBroken, ModelFileMissing, StepTimeout, WorkerDied
+from .errors import (Cancelled, ClusterShort, GroupBroken, ModelFileMissing, RayLost, RoutingError, StartTimeout,
+                     WorkerDied)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ def _init_ray(config: Config) -> None:
     signal), and the caller may be a short-lived one (the prestart thread)."""
     ray = sys.modules.get("ray")  # NOTE: not imported here; _start_ray sets its environment first
     if ray is not None and ray.is_initialized():
-        return
+        lost = lifecycle.ray_lost(not config.ray_address)
+        if lost is None:
+            return
+        log.warning("comfy_xdit_patch: %s", lost)
+        lifecycle.restart_ray()  # the thread that kept the old cluster's processes waits on, harmlessly
     done, error = threading.Event(), []
 
     def keep():
@@ -126,18 +131,50 @@ class WorkerGroup:
         self.channel: channel_mod.DriverChannel | None = None
         self.attention = None
         self.start_seconds = self.ready_at = None
+        self.cancelled = threading.Event()  # close_group() while this group is still starting
+        self.private = not config.ray_address
+        self._told: set[int] = set()  # pids whose log tail ComfyUI's log has shown
 
     def start(self) -> "WorkerGroup":
+        """Start every rank; on any failure raises its kind (errors.classify), the caller shuts down."""
+        try:
+            return self._start()
+        except Exception as e:
+            if self.cancelled.is_set():
+                raise Cancelled("the worker group was closed while it started") from e
+            raise self.classify(e) from e
+
+    def cancel(self) -> None:
+        """From another thread: the start stops at its next check; its ranks are killed by handle now."""
+        self.cancelled.set()
+        self._kill_actors()
+
+    def _start(self) -> "WorkerGroup":
         t0 = time.perf_counter()
         deadline = t0 + self.config.start_timeout
 
         def left() -> float:
+            if self.cancelled.is_set():
+                raise Cancelled("the worker group was closed while it started")
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
-                raise StepTimeout(f"worker group did not start within {self.config.start_timeout:.0f}s")
+                raise StartTimeout(f"worker group did not start within {self.config.start_timeout:.0f}s")
             return remaining
 
+        def get(refs):
+            """ray.get in short waits: a failed rank surfaces at once (not after its peers' timeouts),
+            and a cancel or the start's deadline is seen within 0.2 s."""
+            single = not isinstance(refs, list)
+            pending = [refs] if single else list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=min(0.2, left()))
+                if done:
+                    ray.get(done)  # raises the rank's error
+            out = ray.get([refs] if single else refs)
+            return out[0] if single else out
+
         _init_ray(self.config)
+        left()
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -148,10 +185,11 @@ class WorkerGroup:
         self._check_room(bundle)
         self.pg = placement_group([bundle] * self.world, strategy="PACK")
         ready = self.pg.ready()
-        while not ray.wait([ready], timeout=max(0.0, min(1.0, deadline - time.perf_counter())))[0]:
-            if deadline - time.perf_counter() <= 0:
-                raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}")
-            self._check_room(bundle)  # a joined cluster that lost a node: say so now, not at the timeout
+        try:
+            while not ray.wait([ready], timeout=min(0.2, left()))[0]:  # left(): a cancel or the deadline raises
+                self._check_room(bundle)  # a joined cluster that lost a node: say so now, not at the timeout
+        except StartTimeout as e:
+            raise GroupBroken(f"Ray could not place {self.world} ranks of {bundle}: {ray.available_resources()}") from e
         # NOTE: ranks are numbered by node (bundles grouped per node, the driver's first): each node then
         # holds consecutive ranks, as every sequence-parallel group does (worker.build_groups), so with
         # the CFG split across nodes (layout.choose_mesh) no all-to-all crosses the network.
@@ -167,10 +205,12 @@ class WorkerGroup:
             .remote(r, self.world, comfy_root(), self.config)
             for r, b in enumerate(order)
         ]
-        host, port = ray.get(self.actors[0].address.remote(), timeout=left())
-        self.pids, ips = zip(*ray.get([a.where.remote() for a in self.actors], timeout=left()))
+        if self.cancelled.is_set():  # cancel() may have run before the actors existed
+            self._kill_actors()
+        host, port = get(self.actors[0].address.remote())
+        self.pids, ips = zip(*get([a.where.remote() for a in self.actors]))
         self.pids, self.ips = list(self.pids), list(ips)
-        backends = ray.get([a.init_distributed.remote(host, port, left()) for a in self.actors], timeout=left())
+        backends = get([a.init_distributed.remote(host, port, left()) for a in self.actors])
         self.attention = backends[0]
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
         here = ray.util.get_node_ip_address()
@@ -179,7 +219,7 @@ class WorkerGroup:
             self.channel.spin_lead = channel_mod.SPIN_LEAD
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
-        self.channel.accept(left(), self.check_alive)
+        self.channel.accept(left(), lambda: (self.check_alive(), left()))
         self.ready_at = time.perf_counter()
         self.start_seconds = self.ready_at - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
@@ -212,6 +252,40 @@ class WorkerGroup:
                 raise WorkerDied(f"rank {rank} died: {type(e).__name__}") from e
             raise WorkerDied(f"rank {rank} stopped serving ({result})")
 
+    def dead(self, grace: float = 1.0) -> str | None:
+        """Which rank's process is gone, if any, looking for up to `grace` seconds (a peer's error may
+        arrive before the death is visible). Local ranks by pid, others by their serving call."""
+        deadline = time.monotonic() + grace
+        while True:
+            gone = [r for r, pid in enumerate(self.pids) if lifecycle.process_gone(pid)]
+            if gone:
+                return f"rank {gone[0]} (pid {self.pids[gone[0]]}) is gone"
+            if self.serving:
+                try:
+                    self.check_alive()
+                except WorkerDied as e:
+                    return str(e)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+    def classify(self, e: BaseException) -> RoutingError:
+        """The kind of `e` (errors.classify) given what is known of this group's processes; for a death,
+        ComfyUI's log gets the last lines of the dead rank's own log."""
+        lost = lifecycle.ray_lost(self.private)
+        if lost is not None:
+            kind = errors._chain(RayLost(f"{lost} ({type(e).__name__})"), e)
+        else:
+            kind = errors.classify(e, None if isinstance(e, RoutingError) and e.transient else self.dead())
+        if isinstance(kind, WorkerDied):
+            for rank, pid in enumerate(self.pids):
+                if lifecycle.process_gone(pid) and pid not in self._told:
+                    self._told.add(pid)
+                    tail = lifecycle.log_tail(pid)
+                    log.warning("comfy_xdit_patch: rank %d (pid %d) exited; its log ends:\n%s", rank, pid,
+                                tail or "(nothing: killed by a signal or the OOM killer leaves no line)")
+        return kind
+
     def _interrupted(self) -> None:
         import comfy.model_management
 
@@ -242,27 +316,43 @@ class WorkerGroup:
         replies = self.request("stats", reset, all_reply=True)
         return [replies[r] for r in range(self.world)]
 
-    def shutdown(self) -> None:
-        """Idempotent; never raises."""
-        try:
-            import ray
-        except ImportError:
-            return
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        for a in self.actors:
+    def _kill_actors(self) -> None:
+        import ray
+
+        for a in list(self.actors):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
+
+    def shutdown(self, release_timeout: float = 30.0) -> None:
+        """Idempotent; never raises. Returns once the ranks' processes are gone and Ray has released the
+        placement group's bundles (each wait bounded), so that the next group can be placed at once.
+        With the private cluster's own processes gone, Ray is shut down instead (the next start re-inits)."""
+        if "ray" not in sys.modules:
+            return
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        lost = lifecycle.ray_lost(self.private)
+        if lost is not None:
+            self.actors, self.pg = [], None
+            log.warning("comfy_xdit_patch: %s", lost)
+            lifecycle.restart_ray()
+            return
+        self._kill_actors()
         self.actors = []
+        deadline = time.monotonic() + release_timeout
+        while any(not lifecycle.process_gone(p) for p in self.pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.pg is not None:
+            pg, self.pg = self.pg, None
             try:
                 from ray.util.placement_group import remove_placement_group
 
-                remove_placement_group(self.pg)
-            except Exception as e:  # its GPUs stay reserved: a later group may not be placed
-                log.warning("comfy_xdit_patch: could not release the group's Ray placement (%s: %s)",
-                            type(e).__name__, e)
-            self.pg = None
+                remove_placement_group(pg)
+                released = lifecycle.wait_released(pg.id.hex(), max(1.0, deadline - time.monotonic()))
+            except Exception as e:
+                released = f"{type(e).__name__}: {e}"
+            if released is not True:  # its GPUs stay reserved: a later group may not be placed
+                log.warning("comfy_xdit_patch: Ray has not released the group's placement (%s)", released or "timeout")

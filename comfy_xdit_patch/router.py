@@ -21,9 +21,9 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 import torch
 
-from . import plans
+from . import lifecycle, plans
 from .config import Config
-from .errors import RoutingError, Unroutable
+from .errors import GroupBroken, Unroutable, classify
 from .plans.layout import LayoutError
 from .spec import spec_for
 from .tuning import ChunkTuner
@@ -73,6 +73,7 @@ class Router:
     def _tell(self) -> None:
         for listener in self.listeners:
             listener()
+        self._starting = None  # a group being started (prestart thread or a run), to cancel on close
 
     @property
     def active(self) -> bool:
@@ -184,10 +185,12 @@ class Router:
 
     def _group(self):
         with self._lock:
+            if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
+                self.close_group()
             if self.group is None:
                 from .group import WorkerGroup
 
-                group = WorkerGroup(self.config)
+                group = self._starting = WorkerGroup(self.config)
                 self._set("starting", f"starting {group.world} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
                 try:
                     group.start()
@@ -195,6 +198,8 @@ class Router:
                     group.shutdown()
                     self._set("idle", f"the worker group did not start: {type(e).__name__}: {e}")
                     raise
+                finally:
+                    self._starting = None
                 self.group, self._warm, self._current = group, set(), None
                 self.stats["group_starts"] += 1
                 self._set("ready", f"{group.world} ranks up, no model loaded yet")
@@ -287,9 +292,11 @@ class Router:
         self.last_fallback = {"time": time.time(), "where": where, "error": f"{type(e).__name__}: {e}"}
         if run is not None:
             run.local = True
-        transient = isinstance(e, RoutingError) and e.transient
+        raw, e = e, (self.group.classify(e) if self.group is not None else classify(e))
+        transient = e.transient
+        self.stats[f"failure {type(e).__name__}"] += 1
         log.warning("comfy_xdit_patch: %s failed (%s: %s); computing it on one GPU in ComfyUI's process",
-                    where, type(e).__name__, e, exc_info=not isinstance(e, RoutingError))
+                    where, type(e).__name__, e, exc_info=raw if type(e) is GroupBroken else None)
         self.close_group()
         if self.config.fallback == "error":
             raise e
@@ -310,14 +317,23 @@ class Router:
             self._on_disable()
 
     def close_group(self) -> None:
-        # NOTE: a group still starting (prestart) holds the lock; at exit Ray's own shutdown ends it.
-        if not self._lock.acquire(timeout=5):
+        """Tear the group down; returns once its ranks are gone and Ray released their placement.
+        NOTE: a group still starting (prestart thread, or a run) holds the lock: it is cancelled (its
+        ranks killed by handle), its starting thread shuts it down and releases the lock within a
+        fraction of a second, or when Ray's own start-up (not interruptible) returns."""
+        starting = self._starting
+        if starting is not None:
+            starting.cancel()
+        bound = self.config.start_timeout + 10
+        if not self._lock.acquire(timeout=bound):
+            log.error("comfy_xdit_patch: the starting worker group did not stop within %.0fs; it was cancelled "
+                      "and is shut down by its own thread", bound)
             return
         try:
             group, self.group = self.group, None
+            if group is not None:
+                group.shutdown()
         finally:
             self._lock.release()
-        if group is not None:
-            group.shutdown()
-            if self.disabled is None:
-                self._set("idle", "the worker group was shut down; the next FLUX run starts one")
+        if group is not None and self.disabled is None:
+            self._set("idle", "the worker group was shut down; the next FLUX run starts one")

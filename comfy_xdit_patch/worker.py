@@ -239,6 +239,9 @@ class Worker:
     def prepare(self, spec) -> str:
         """Make the model of `spec` (base + patches) current on the device ("missing": send patches;
         (node, paths): its files are not on this node)."""
+        from .lifecycle import diag_pause
+
+        diag_pause("prepare")  # test-only (the fault matrix), off unless its variable is set
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
             if spec.base_key not in self.bases:

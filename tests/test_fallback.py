@@ -7,7 +7,6 @@ import threading
 
 import comfy.model_management
 import pytest
-import torch
 
 import tiny
 from conftest import TOL, assert_originals, sample
@@ -57,10 +56,13 @@ def test_timeout_falls_back_and_restarts(router, unrouted, setup):
     assert router.stats["group_starts"] == starts + 1
 
 
-def test_interrupt_is_never_swallowed(router, load_flux, tiny_flux):
+def test_interrupt_is_never_swallowed(router, unrouted, load_flux, tiny_flux):
     model = load_flux(tiny_flux)
     pos, neg = tiny.conditioning(1), tiny.conditioning(2)
     big = tiny.latent(1024, 1024)  # one routed step takes long enough to interrupt it mid-wait
+    small = tiny.latent(64, 64)
+    with unrouted():
+        reference = sample(model, pos, neg, small, steps=2)
     sample(model, pos, neg, tiny.latent(64, 64), steps=1)
     fallbacks = router.stats["fallbacks"]
     timer = threading.Timer(0.3, comfy.model_management.interrupt_current_processing, (True,))
@@ -72,10 +74,11 @@ def test_interrupt_is_never_swallowed(router, load_flux, tiny_flux):
         timer.cancel()
         comfy.model_management.interrupt_current_processing(False)
     assert router.active and router.stats["fallbacks"] == fallbacks
-    # the abandoned reply is drained: the next run is routed and right
-    small = tiny.latent(64, 64)
+    # the abandoned reply is drained: the next run is routed and gives ComfyUI's own result
+    routed = router.stats["routed_calls"]
     out = sample(model, pos, neg, small, steps=2)
-    assert torch.isfinite(out).all() and router.group is not None
+    assert router.stats["routed_calls"] == routed + 2 and router.group is not None
+    assert (out - reference).abs().max().item() <= TOL
 
 
 def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, tmp_path, load_flux):
@@ -101,3 +104,27 @@ def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, t
     finally:
         patch.uninstall()
         patch.install(config, router=router)
+
+
+def test_close_while_starting_cancels_the_start(config):
+    """close_group() during a group's start (the prestart thread holds the lock) never leaves the new
+    group alive: the start is cancelled, its ranks are killed, and close_group returns within seconds."""
+    import time
+
+    from comfy_xdit_patch import lifecycle
+    from comfy_xdit_patch.router import Router
+
+    fresh = Router(config)
+    thread = fresh.prestart()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (fresh._starting is not None and fresh._starting.actors):
+        time.sleep(0.05)
+    starting = fresh._starting
+    assert starting is not None and starting.actors, "the start never reached its ranks"
+    t0 = time.monotonic()
+    fresh.close_group()
+    thread.join(30)
+    assert time.monotonic() - t0 < 30 and not thread.is_alive()
+    assert fresh.group is None and fresh.active
+    assert starting.cancelled.is_set() and starting.pg is None and starting.actors == []
+    assert all(lifecycle.process_gone(pid) for pid in starting.pids)

@@ -197,7 +197,7 @@ def check_ray(r: Report, config) -> None:
 
     try:
         t0 = time.perf_counter()
-        group._init_ray(config, config.use_gpu)
+        group._init_ray(config)
         import ray
 
         started = time.perf_counter() - t0

@@ -76,34 +76,50 @@ class Server:
             return json.loads(r.read())
 
     def run(self, workflow: dict, timeout: float = 1800, client_id: str | None = None) -> dict:
-        """Queue a workflow and wait for it. Returns {"seconds", "images", "history"}. client_id: the
-        websocket client that gets this prompt's progress messages."""
+        """Queue a workflow and wait for it. Returns {"seconds", "images", "latents", "history"}. client_id:
+        the websocket client that gets this prompt's progress messages."""
+        return self.wait(self.submit(workflow, client_id), timeout)
+
+    def submit(self, workflow: dict, client_id: str | None = None) -> str:
+        """Queue a workflow; its prompt id."""
         body = json.dumps({"prompt": workflow, "client_id": client_id or uuid.uuid4().hex}).encode()
         req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                prompt_id = json.loads(r.read())["prompt_id"]
+                return json.loads(r.read())["prompt_id"]
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"ComfyUI refused the workflow: {e.read().decode(errors='replace')}") from e
+
+    def interrupt(self) -> None:
+        req = urllib.request.Request(self.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def wait(self, prompt_id: str, timeout: float = 1800, ok: bool = True, poll=None) -> dict:
+        """Wait for a queued prompt; with ok=False a failed or interrupted one is returned too (its
+        "status"). poll: called every 0.1 s while waiting (a test watching for a moment)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died:\n{self.log()[-3000:]}")
             history = self._get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                return self._result(history[prompt_id])
-            time.sleep(0.2)
+                return self._result(history[prompt_id], ok)
+            if poll is not None:
+                poll()
+            time.sleep(0.1)
         raise TimeoutError(f"workflow not done within {timeout:.0f}s:\n{self.log()[-3000:]}")
 
-    def _result(self, entry: dict) -> dict:
+    def _result(self, entry: dict, ok: bool = True) -> dict:
         status = entry["status"]
-        if status.get("status_str") != "success":
+        if ok and status.get("status_str") != "success":
             raise RuntimeError(f"workflow failed: {json.dumps(status)[-3000:]}\n{self.log()[-3000:]}")
         stamps = {name: data.get("timestamp") for name, data in status.get("messages", [])}
-        seconds = (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
-        images = [os.path.join(self.base_dir, "output", img.get("subfolder", ""), img["filename"])
-                  for out in entry["outputs"].values() for img in out.get("images", [])]
-        return {"seconds": seconds, "images": images, "history": entry}
+        end = stamps.get("execution_success") or stamps.get("execution_interrupted") or stamps.get("execution_error")
+        seconds = (end - stamps["execution_start"]) / 1000.0 if end and "execution_start" in stamps else None
+        files = {kind: [os.path.join(self.base_dir, "output", f.get("subfolder", ""), f["filename"])
+                        for out in entry.get("outputs", {}).values() for f in out.get(kind, [])]
+                 for kind in ("images", "latents")}
+        return {"seconds": seconds, **files, "status": status.get("status_str"), "history": entry}
 
     def stop(self) -> None:
         if self.proc is None:
