@@ -118,14 +118,17 @@ def main() -> None:
 def time_calls(router, model, n: int) -> dict:
     """Seconds per routed call at two sizes and cfg 1 / 3.5 (after a warm-up run each), and of a request
     with no tensors that every rank answers (the channel's round trip alone)."""
+    from comfy_xdit_patch.tools.diagnostics import DriverDiagnostics
+
+    timing = DriverDiagnostics(router).timing  # seconds in routed calls, as ComfyUI's process sees them
     out = {}
     for size in (64, 256):
         for cfg in (1.0, 3.5):
             latent = tiny.latent(size, size)
             sample(model, latent, cfg, steps=2)
-            calls, seconds = router.stats["routed_calls"], router.timing["call_seconds"]
+            calls, seconds = router.stats["routed_calls"], timing["call_seconds"]
             sample(model, latent, cfg, steps=n)
-            calls, seconds = router.stats["routed_calls"] - calls, router.timing["call_seconds"] - seconds
+            calls, seconds = router.stats["routed_calls"] - calls, timing["call_seconds"] - seconds
             out[f"{size}px cfg{cfg} per call ms"] = round(1e3 * seconds / calls, 2)
     group = router.group
     t0 = time.perf_counter()
