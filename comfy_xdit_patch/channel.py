@@ -85,9 +85,7 @@ class DriverChannel:
         self.spin_lead: float | None = None  # see _replies; None: always sleep until woken (CPU ranks)
         self._expect: dict = {}  # (op, tensor shapes) -> seconds rank 0's reply took last time
         self.waited = 0.0
-        # requests by op that went the across-hosts way (TCP to every rank, tensor bytes to rank 0 only,
-        # which broadcasts them): how a test or the bench tells that calls crossed hosts
-        self.crossed = collections.Counter()
+        self.crossed = collections.Counter()  # requests by op sent the across-hosts way (tests, the bench)
         # sums of CLOCK_MONOTONIC instants (sent, rank 0's reply seen), against the ranks' (one host: see
         # WorkerChannel.clock): where the time between sending and the reply goes
         self.clock = collections.Counter()
