@@ -65,6 +65,7 @@ class Router:
         self.listeners: list = []  # callables, told after every transition (status.changed)
         self._warm: set = set()  # (shape, layout) the current group has run: a new one compiles first
         self._current = None  # the spec key the group holds
+        self._starting = None  # a group being started (prestart thread or a run), to cancel on close
 
     def _set(self, state: str, detail: str = "") -> None:
         self.state, self.detail = state, detail
@@ -73,7 +74,6 @@ class Router:
     def _tell(self) -> None:
         for listener in self.listeners:
             listener()
-        self._starting = None  # a group being started (prestart thread or a run), to cancel on close
 
     @property
     def active(self) -> bool:
