@@ -65,7 +65,8 @@ def test_missing_model_file_names_node_and_path(tmp_path):
 
     here, gone = tmp_path / "here.safetensors", str(tmp_path / "gone.safetensors")
     here.write_bytes(b"x")
-    spec = ModelSpec("b", "k", (print, (str(here), gone)), None, None, {}, False, files=(str(here), gone))
+    stamps = ((str(here), 1, 0), (gone, 1, 0))  # (path, size, mtime_ns) as ComfyUI's process saw them
+    spec = ModelSpec("b", "k", (print, (str(here), gone)), None, None, {}, False, files=stamps)
     assert missing_files(spec) == [gone]
     msg = nodes.absent_message({1: ("127.0.0.2", [gone]), 0: ("10.0.0.1", [gone])})
     assert f"{gone} is missing on node 127.0.0.2 (rank 1)" in msg and "on node 10.0.0.1 (rank 0)" in msg
