@@ -44,9 +44,15 @@ class NodeCall:
 
 
 def stamps(paths) -> tuple:
+    """(path, size, mtime_ns) of each file; (path, None, None) for one that is gone (the ranks' nodes then
+    report it missing, naming node and path, rather than fail in the loader)."""
     out = []
     for p in sorted(set(paths)):
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            out.append((p, None, None))
+            continue
         out.append((p, st.st_size, st.st_mtime_ns))
     return tuple(out)
 

@@ -53,7 +53,9 @@ def spec_for(patcher) -> ModelSpec:
     else:
         files = patcher.attachments.get(loaders.FILES)  # stamped when the loader node ran
         if files is None:
-            files = loaders.stamps(a for a in recipe[1] if isinstance(a, str) and os.path.isfile(a))
+            # the loader's file arguments as this process sees them now (absolute paths, not folders)
+            files = loaders.stamps(a for a in recipe[1] if isinstance(a, str) and os.path.isabs(a)
+                                   and not os.path.isdir(a))
     if patcher.hook_patches or patcher.weight_wrapper_patches:
         raise Unroutable("hook or weight-wrapper patches on the model")
     objects = {k: v for k, v in patcher.object_patches.items() if k not in MAIN_ONLY_OBJECT_PATCHES}
