@@ -26,7 +26,6 @@ locate.import_comfy(cpu=True)
 
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-import torch  # noqa: E402
 
 import tiny  # noqa: E402
 from comfy_xdit_patch import config as config_mod  # noqa: E402

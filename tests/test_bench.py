@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow  # ~40 s: the bench starts its own Ray and group
 def test_bench_runs_with_diagnostics_attached(tmp_path, router):
     router.close_group()  # this machine has 2 cores: the bench's ranks get them to themselves
     out = tmp_path / "out"

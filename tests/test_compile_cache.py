@@ -40,6 +40,7 @@ def compile_in_child(root):
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
+@pytest.mark.slow  # ~50 s: three processes compile
 def test_a_second_process_reuses_what_the_first_compiled_and_corrupt_artefacts_cost_a_compile(tmp_path):
     """Inductor fails on an artefact it can't read; a sealed file that changed empties the folder instead."""
     first, _ = compile_in_child(tmp_path)

@@ -122,6 +122,7 @@ r.close_group()
 """
 
 
+@pytest.mark.slow  # ~40 s: a Ray cluster of its own
 def test_prestarted_group_outlives_the_thread_that_started_it():
     """Ray's GCS and raylet die with the thread that starts them: the plugin starts Ray on its own thread."""
     import os

@@ -44,6 +44,7 @@ def test_images_agree_with_plugin_on_and_off(base_dir):
     assert np.abs(on - off).max() <= 1
 
 
+@pytest.mark.slow  # ~20 s: a server of its own
 def test_bad_value_starts_comfyui_unpatched_and_serving(base_dir):
     img, log = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_FALLBACK": "maybe"}, "bad")
     assert "COMFY_XDIT_FALLBACK='maybe' is not valid" in log

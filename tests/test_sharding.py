@@ -179,8 +179,8 @@ def flux4(tmp_path_factory):
 @pytest.mark.parametrize("world,mesh,batch,refs,control,backend", [
     (2, layout.Mesh(1, 2, 1), 1, True, True, "torch"),   # Kontext reference tokens + ControlNet residuals
     (2, layout.Mesh(1, 2, 1), 1, True, True, "gather"),
-    (4, layout.Mesh(1, 4, 1), 1, False, False, "torch"),
-    (4, layout.Mesh(2, 2, 1), 2, True, True, "torch"),   # cfg 2 x ulysses 2: cond and uncond on two rank pairs
+    pytest.param(4, layout.Mesh(1, 4, 1), 1, False, False, "torch", marks=pytest.mark.slow),  # ~30 s: 4 processes
+    pytest.param(4, layout.Mesh(2, 2, 1), 2, True, True, "torch", marks=pytest.mark.slow),  # cfg 2 x ulysses 2
     (2, layout.Mesh(2, 1, 1), 3, False, False, "torch"),  # batch of 3 shared unevenly by 2 groups
 ])
 def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control, backend):

@@ -114,6 +114,7 @@ def test_cfg_and_batch_parallel(compare, router, flux, cfg, batch, layout):
     assert router.stats[f"layout {layout}"] - before == calls
 
 
+@pytest.mark.slow  # ~30 s: a 4-rank group of its own
 def test_four_ranks_cfg_times_ulysses(config, router, flux_file, load_flux):
     """4 ranks at CFG 3.5: cond and uncond on two pairs of ranks, each pair sequence-parallel."""
     import dataclasses
@@ -193,6 +194,7 @@ def test_attention_mask_runs_locally(compare, flux):
 
 
 
+@pytest.mark.slow  # ~50 s: a group of its own, CPU inductor
 def test_compiled_blocks_on_the_ranks_with_and_without_lora(router, flux, loras):
     """COMFY_XDIT_COMPILE=1 (the default on GPU ranks) through a worker group of its own: the compiled
     blocks match ComfyUI alone, also after a LoRA patches the weights under them."""
@@ -282,6 +284,7 @@ def test_flux_schnell_no_guidance(compare, flux_file, load_flux):
     compare(lambda: run(model, pos=tiny.conditioning(1, guidance=None), neg=tiny.conditioning(2, guidance=None)))
 
 
+@pytest.mark.slow  # ~40 s: another model family loaded on the ranks
 def test_chroma_with_cfg(compare, models_dir):
     path = os.path.join(models_dir, "tiny_chroma.safetensors")
     if not os.path.exists(path):
