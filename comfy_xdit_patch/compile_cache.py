@@ -10,14 +10,21 @@ can't read, so only what a rank sealed after a successful call is trusted at the
 records each file's size and digest, and `use` removes files written after the last seal and empties
 the folder when a sealed file changed or the stamp can't be read (one log line); the blocks then
 compile afresh. A cache that can't be written at all leaves torch's defaults in place.
+The ranks of a group (and any other ComfyUI on the machine) share the folder: its records are read and
+written under a lock (flock), each through a file of its writer's own, so they never race; and each
+process holds a shared lock on it while it lives, so a starting process removes or empties nothing while
+another one may be compiling into it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,8 @@ def folder(root: str, parts: dict) -> str:
     return os.path.join(os.path.expanduser(root), "compile", digest)
 
 
-STAMP, SEALED = "stamp.json", "sealed.json"
+STAMP, SEALED, LOCK, USERS = "stamp.json", "sealed.json", ".lock", ".users"
+_held: dict = {}  # folder -> this process's USERS file there, share-locked until it exits
 
 
 def _files(path: str) -> dict:
@@ -72,7 +80,7 @@ def _files(path: str) -> dict:
         for name in files:
             full = os.path.join(folder, name)
             rel = os.path.relpath(full, path)
-            if rel in (STAMP, SEALED) or rel.endswith(".part"):
+            if rel in (STAMP, SEALED, LOCK, USERS) or rel.endswith(".part"):
                 continue
             with open(full, "rb") as f:
                 out[rel] = [os.path.getsize(full), hashlib.sha256(f.read()).hexdigest()]
@@ -80,20 +88,54 @@ def _files(path: str) -> dict:
 
 
 def _write(path: str, value) -> None:
-    with open(path + ".part", "w") as f:
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".part")
+    with os.fdopen(fd, "w") as f:
         json.dump(value, f)
-    os.replace(path + ".part", path)
+    os.replace(part, path)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """One process at a time reads or writes the folder's records."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
 
 
 def seal(path: str | None) -> None:
     """Trust what the folder holds now (called after a call that compiled has succeeded)."""
     if path is not None:
-        _write(os.path.join(path, SEALED), _files(path))
+        with _locked(path):
+            _write(os.path.join(path, SEALED), _files(path))
 
 
-def _check(path: str, parts: dict) -> None:
+def _claim(path: str) -> bool:
+    """Use the folder for the rest of this process (a shared lock); True if no other process uses it."""
+    if path in _held:  # this process's own earlier claim
+        _held.pop(path).close()
+    f = open(os.path.join(path, USERS), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(f, fcntl.LOCK_SH)
+    _held[path] = f
+    return alone
+
+
+def _empty(path: str) -> None:
+    for name in os.listdir(path):
+        if name not in (LOCK, USERS):
+            full = os.path.join(path, name)
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
+def _check(path: str, parts: dict, prune: bool = True) -> None:
     """Raise if the folder can't be used as it is; make it (with its stamp) if it doesn't exist. Files
-    written after the last seal are removed (a process may have died writing them)."""
+    written after the last seal are removed (`prune`: no other process is using the folder; a process may
+    have died writing them)."""
     stamp = os.path.join(path, STAMP)
     if os.path.exists(stamp):
         with open(stamp) as f:
@@ -107,11 +149,11 @@ def _check(path: str, parts: dict) -> None:
                 sealed = json.load(f)
         for rel, facts in _files(path).items():
             if rel not in sealed:
-                os.remove(os.path.join(path, rel))
+                if prune:
+                    os.remove(os.path.join(path, rel))
             elif facts != sealed[rel]:
                 raise ValueError(f"{rel} changed since it was sealed")
         return
-    os.makedirs(path, exist_ok=True)
     _write(stamp, parts)
 
 
@@ -121,16 +163,20 @@ def use(root: str, gpu: str | None) -> str | None:
     parts = components(gpu)
     path = folder(root, parts)
     try:
-        _check(path, parts)
-    except (OSError, ValueError) as e:
-        log.warning("compile cache %s can't be read (%s: %s); emptied, the blocks compile afresh", path,
-                    type(e).__name__, e)
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            _check(path, parts)
-        except OSError as e2:
-            log.warning("compile cache %s can't be written (%s); using torch's default cache", path, e2)
-            return None
+        with _locked(path):
+            alone = _claim(path)
+            try:
+                _check(path, parts, prune=alone)
+            except (OSError, ValueError) as e:
+                if not alone:  # another process compiles into it: leave it be
+                    raise OSError(f"{type(e).__name__}: {e}, and another process is using it") from e
+                log.warning("compile cache %s can't be read (%s: %s); emptied, the blocks compile afresh", path,
+                            type(e).__name__, e)
+                _empty(path)
+                _check(path, parts)
+    except OSError as e:
+        log.warning("compile cache %s can't be written (%s); using torch's default cache", path, e)
+        return None
     # NOTE: read by inductor and Triton whenever they look for a cache entry, so it must be set before
     # the first compile of this process and never changed afterwards.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(path, "inductor")

@@ -117,3 +117,31 @@ def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, capl
     assert not os.path.exists(os.path.join(folder, "inductor", "old"))
     with open(os.path.join(folder, "stamp.json")) as f:
         assert json.load(f) == parts
+
+
+# Two ranks of a group share the folder: each writes artefacts and seals after its calls, as on 2 GPUs.
+SEALER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from comfy_xdit_patch import compile_cache
+    folder = compile_cache.use(sys.argv[1], "cpu")
+    os.makedirs(os.path.join(folder, "inductor"), exist_ok=True)
+    for i in range(200):
+        with open(os.path.join(folder, "inductor", f"{{sys.argv[2]}}-{{i}}"), "w") as f:
+            f.write("x" * i)
+        compile_cache.seal(folder)
+    print(folder)
+""")
+
+
+def test_ranks_sealing_the_same_folder_at_once_never_fail_and_keep_every_sealed_file(tmp_path):
+    """On 2 H200s the ranks' seals raced on one temporary file name, and a rank's call failed."""
+    procs = [subprocess.Popen([sys.executable, "-c", SEALER.format(repo=REPO), str(tmp_path), f"rank{r}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    folder = outs[0][0].strip()
+    with open(os.path.join(folder, "stamp.json")) as f:
+        compile_cache._check(folder, json.load(f))  # as the next start does: nothing was left unsealed
+    assert len(os.listdir(os.path.join(folder, "inductor"))) == 400
+    assert not [n for n in os.listdir(folder) if n.endswith(".part")]
