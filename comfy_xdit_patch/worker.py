@@ -86,9 +86,12 @@ class Worker:
             args.cpu = True
         import torch
 
-        if not config.use_gpu:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        else:
+        # NOTE: Ray starts an actor of num_cpus=1 with OMP_NUM_THREADS=1, so torch's CPU work (reading the
+        # weights file into the model: 24 GB for FLUX.1-dev) ran on one thread, 31 s on 2x H200 against 6 s
+        # in ComfyUI's process. Each rank takes its share of the node's cores (every GPU is visible).
+        sharers = world if not config.use_gpu else max(1, torch.cuda.device_count())
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharers))
+        if config.use_gpu:
             torch.cuda.set_device(_ray_gpu_index())  # before ComfyUI picks its device: the current one
         self.cache_folder = None  # where compiled code is kept (compile_cache), sealed after each new shape
         self.sealed: set = set()

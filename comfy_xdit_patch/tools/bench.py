@@ -124,9 +124,7 @@ class Bench:
     def with_lora(self, patcher):
         """The model + a synthetic LoRA, built once (ComfyUI alone and the plugin runs share it)."""
         import comfy.sd
-
         from . import synthetic
-
         if self._lora is None:
             sd = patcher.model.diffusion_model.state_dict()
             lora = synthetic.lora(sd, rank=self.a.lora)
@@ -258,6 +256,8 @@ class Bench:
                 cases.append((self.with_lora(patcher), self.sizes[0], self.cfgs[0], f" + LoRA r{self.a.lora}"))
             for model, size, cfg, extra in cases:
                 self.sample(model, size, cfg, self.a.warmup)
+                if router.disabled or router.group is not group:
+                    raise RuntimeError(f"the plugin stopped routing during the warm-up: {router.disabled or 'group restarted'}")
                 group.stats(reset=True)
                 calls0, wall0 = router.stats["routed_calls"], diag.timing["call_seconds"]
                 parts0 = dict(group.channel.timing, route=diag.timing["route_seconds"])
@@ -376,23 +376,30 @@ def main(argv=None) -> int:
     patcher = bench.load()
     latents = bench.baseline(patcher)
     cfg_ranks = {int(r) for r in a.cfg_ranks.split(",") if r}
+
+    def run(label, *args, **kw):  # one configuration's failure is recorded; the others still run
+        try:
+            bench.plugin(patcher, *args, latents, label, **kw)
+        except Exception as e:
+            print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+            bench.results.setdefault("failed", []).append({"label": label, "error": f"{type(e).__name__}: {e}"})
+            bench._save()
+
     for i, n in enumerate(ranks):
-        bench.plugin(patcher, n, "", env, latents, f"auto, {n} rank(s)", bench.cfgs if n in cfg_ranks else None,
-                     early if i == 0 else None)
+        run(f"auto, {n} rank(s)", n, "", env, cfgs=bench.cfgs if n in cfg_ranks else None,
+            early=early if i == 0 else None)
     for layout in filter(None, a.layouts.split(";")):
         degrees = dict(kv.split("=") for kv in layout.split(","))
-        n = math.prod(int(v) for v in degrees.values())
-        bench.plugin(patcher, n, layout, env, latents, layout)
+        run(layout, math.prod(int(v) for v in degrees.values()), layout, env)
     for variant in filter(None, a.variants.split("|")):
         n, _, variant = variant.rpartition(":")
-        n = int(n or 2)
         extra = _settings(variant)
-        bench.plugin(patcher, n, "", {**env, **extra}, latents,
-                     f"{n} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in extra.items()))
+        run(f"{int(n or 2)} ranks " + ",".join(f"{k[11:].lower()}={v}" for k, v in extra.items()),
+            int(n or 2), "", {**env, **extra})
     table = report.table(bench.results)
     print(table)
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(table + "\n")
     bench._save()
     plot.speedups(bench.results, os.path.join(a.out, "bench.png"))
-    return 0
+    return 1 if bench.results.get("failed") else 0
