@@ -10,7 +10,26 @@ import os
 import re
 from typing import Callable, Mapping
 
-from .plans.layout import Mesh
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """world = cfg x ulysses x ring. Ranks of one sequence-parallel group are consecutive."""
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.sp
+
+    def __str__(self) -> str:
+        return f"cfg={self.cfg},ulysses={self.ulysses},ring={self.ring}"
+
 
 class ConfigError(ValueError):
     """A variable holds a value the plugin does not accept; the message names both."""
@@ -183,6 +202,32 @@ ENV_VARS: tuple[EnvVar, ...] = (
 )
 
 
+def gpus_from_driver() -> int:
+    """visible_gpus() without torch (ComfyUI's prestartup, before it imports torch): the driver's GPUs
+    (nvidia-smi), narrowed by CUDA_VISIBLE_DEVICES; none under ComfyUI's --cpu or without nvidia-smi."""
+    import shutil
+    import subprocess
+    import sys
+
+    cli = sys.modules.get("comfy.cli_args")
+    if (cli is not None and getattr(cli.args, "cpu", False)) or shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    ids = [line.split(":")[0].split()[-1] for line in listed.splitlines() if line.startswith("GPU ")]
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is None:
+        return len(ids)
+    count = 0
+    for entry in (e.strip() for e in chosen.split(",")):  # CUDA stops at the first invalid entry
+        if not entry.isdigit() or int(entry) >= len(ids):
+            break
+        count += 1
+    return count
+
+
 def visible_gpus() -> int:
     """GPUs the ranks may use: none where torch sees none or ComfyUI itself runs on the CPU (--cpu)."""
     import sys
@@ -193,6 +238,9 @@ def visible_gpus() -> int:
         return 0
     mm = sys.modules.get("comfy.model_management")
     if mm is not None and mm.get_torch_device().type != "cuda":
+        return 0
+    cli = sys.modules.get("comfy.cli_args")  # before ComfyUI has imported model_management (prestartup)
+    if mm is None and cli is not None and getattr(cli.args, "cpu", False):
         return 0
     return torch.cuda.device_count()
 

@@ -7,7 +7,6 @@ call. Every wait is bounded. A dead rank shows as a closed connection or a finis
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import sys
@@ -16,96 +15,12 @@ import time
 
 from . import channel as channel_mod
 from . import errors, lifecycle, nodes
+from .cluster import comfy_root, init_ray
 from .config import Config
 from .errors import (Cancelled, ClusterShort, GroupBroken, ModelFileMissing, RayLost, RoutingError, StartTimeout,
                      WorkerDied)
 
 log = logging.getLogger(__name__)
-
-_NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def comfy_root() -> str:
-    import comfy.model_management
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
-
-
-def _worker_path() -> str:
-    parts = [PACKAGE_ROOT, comfy_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(parts))
-
-
-def _init_ray(config: Config) -> None:
-    """Start or join Ray, once per process, on a thread of ours that lives as long as the process:
-    Ray's own processes (GCS, raylet) die with the THREAD that started them (Linux's parent-death
-    signal), and the caller may be a short-lived one (the prestart thread)."""
-    ray = sys.modules.get("ray")  # NOTE: not imported here; _start_ray sets its environment first
-    if ray is not None and ray.is_initialized():
-        lost = lifecycle.ray_lost(not config.ray_address)
-        if lost is None:
-            return
-        log.warning("comfy_xdit_patch: %s", lost)
-        lifecycle.restart_ray()  # the thread that kept the old cluster's processes waits on, harmlessly
-    done, error = threading.Event(), []
-
-    def keep():
-        try:
-            _start_ray(config)
-        except BaseException as e:  # handed to the caller
-            error.append(e)
-        done.set()
-        if not error:
-            threading.Event().wait()  # never returns: Ray's processes share this thread's fate
-
-    threading.Thread(target=keep, name="comfy-xdit-ray", daemon=True).start()
-    done.wait()
-    if error:
-        raise error[0]
-
-
-def _start_ray(config: Config) -> None:
-    """Start or join Ray; disconnect at exit if this plugin connected."""
-    private = not config.ray_address
-    if private:
-        # NOTE: Ray otherwise advertises, and binds its gRPC servers to, the machine's external address;
-        # in single-node mode it uses loopback. Set before ray is imported (its child processes read it)
-        # and on the constant itself in case another node pack imported ray first.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    if ray.is_initialized():
-        return
-    atexit.register(ray.shutdown)
-    os.environ["PYTHONPATH"] = _worker_path()  # the raylet, and so every worker, inherits it
-    if not private:
-        ray.init(address=config.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": _worker_path(), _NOSET: "1"}})
-        return
-    import ray._private.ray_constants as ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    # CPU ranks mostly wait on each other; room for a second group (a restart beside a dying one)
-    resources = {"num_cpus": max(os.cpu_count() or 1, 2 * config.workers)}
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if config.use_gpu and config.devices:
-        visible = saved.split(",") if saved else [str(i) for i in range(config.gpus)]
-        # NOTE: Ray hands each actor one of the GPUs it was started with; start it with only these.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in config.devices)
-    resources["num_gpus"] = len(config.devices or ()) or config.gpus
-    # NOTE: ranks see every GPU Ray was started with and pick their own (worker.py): peer copies
-    # between ranks need each other's GPUs visible. The raylet, and so every worker, inherits this.
-    os.environ[_NOSET] = "1"
-    try:
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
-    finally:
-        os.environ.pop(_NOSET, None)
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
 
 def rank_env() -> dict:
     """Environment the ranks start with, over the one they inherit from ComfyUI's process. ComfyUI's main.py
@@ -173,7 +88,7 @@ class WorkerGroup:
             out = ray.get([refs] if single else refs)
             return out[0] if single else out
 
-        _init_ray(self.config)
+        init_ray(self.config)
         left()
         import ray
         from ray.util.placement_group import placement_group

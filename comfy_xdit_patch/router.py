@@ -188,14 +188,16 @@ class Router:
             if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
                 self.close_group()
             if self.group is None:
+                from . import early
                 from .group import WorkerGroup
 
-                group = self._starting = WorkerGroup(self.config)
-                self._set("starting", f"starting {group.world} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
+                ahead = early.take(self.config)  # the start ComfyUI's own start began (prestartup_script.py)
+                starting = self._starting = ahead or WorkerGroup(self.config)
+                self._set("starting", f"starting {self.config.workers} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
                 try:
-                    group.start()
+                    group = ahead.wait() if ahead else starting.start()
                 except BaseException as e:
-                    group.shutdown()
+                    starting.shutdown()
                     self._set("idle", f"the worker group did not start: {type(e).__name__}: {e}")
                     raise
                 finally:

@@ -157,6 +157,7 @@ def _ranks(router, group) -> list[dict]:
             "memory": seen.get("memory"),
             "memory_peak": seen.get("memory_peak"),
             "calls": seen.get("calls"),
+            "load_seconds": seen.get("load_seconds"),  # its last model preparation (weights, patches)
             # NOTE: every routed call runs on every rank, so the driver's last routed call is each rank's
             "last_call": router.last_call,
             "state": router.state,

@@ -37,6 +37,10 @@ def test_images_agree_with_plugin_on_and_off(base_dir):
     on, log_on = render(base_dir, {"COMFY_XDIT": "1"}, "on")
     off, log_off = render(base_dir, {"COMFY_XDIT": "0"}, "off")
     assert "worker group ready: 2 ranks" in log_on
+    # started by prestartup_script.py before ComfyUI imported its nodes, and that group was the one used
+    assert -1 < log_on.find("starting 2 CPU ranks while ComfyUI loads") < log_on.find("Import times for custom nodes")
+    assert log_on.count("worker group ready") == 1
+    assert "Torch already imported" not in log_on  # ComfyUI's warning: nothing imported torch before it did
     assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log_on)
     assert "comfy_xdit_patch: off" in log_off and "worker group" not in log_off
     assert on.shape == off.shape == (80, 96, 3)

@@ -13,6 +13,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from ..config import Mesh  # noqa: F401  (a layout; also the COMFY_XDIT_PARALLEL setting's type)
+
 
 class LayoutError(ValueError):
     """This input cannot be split over this many ranks (it runs on one GPU instead)."""
@@ -91,26 +93,6 @@ def gather(local: torch.Tensor, shards: list[Shard], rank: int, group, dim: int 
     # NOTE: collective; every rank of the group reaches it once per call, in the same order.
     dist.all_gather(parts, buf, group=group)
     return torch.cat([p.narrow(dim, 0, s.img_len) for p, s in zip(parts, shards)], dim=dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mesh:
-    """world = cfg x ulysses x ring. Ranks of one sequence-parallel group are consecutive."""
-
-    cfg: int = 1
-    ulysses: int = 1
-    ring: int = 1
-
-    @property
-    def sp(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def world(self) -> int:
-        return self.cfg * self.sp
-
-    def __str__(self) -> str:
-        return f"cfg={self.cfg},ulysses={self.ulysses},ring={self.ring}"
 
 
 def batch_spans(batch: int, parts: int) -> list[tuple[int, int]]:

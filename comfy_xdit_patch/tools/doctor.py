@@ -193,11 +193,11 @@ def check_config(r: Report, gpus: int):
 
 def check_ray(r: Report, config) -> None:
     """A private cluster as the plugin starts one (loopback), one task on it, timed; then shut down."""
-    from .. import group
+    from .. import cluster
 
     try:
         t0 = time.perf_counter()
-        group._init_ray(config)
+        cluster.init_ray(config)
         import ray
 
         started = time.perf_counter() - t0

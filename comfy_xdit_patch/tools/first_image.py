@@ -60,11 +60,20 @@ def main(argv=None) -> int:
         with headless.Server(comfy, base, env=env, cpu=not gpus,
                              log_path=os.path.join(base, f"first-image-{label.replace(' ', '-')}.log")) as server:
             image(server, size)
-            row = {"case": label, "first_image_s": time.perf_counter() - t0, "warm_image_s": image(server, size)}
+            row = {"case": label, "first_image_s": time.perf_counter() - t0}
+            if env is on:  # what the first run waited for: the group, then the ranks' weights
+                doc = server._get("/xdit/status?ranks=1")
+                row.update(group_start_s=doc["group_start_seconds"],
+                           rank_load_s=max((r.get("load_seconds") or 0.0) for r in doc["ranks"]),
+                           first_run_prepare_s=doc["last_run"]["prepare_seconds"],
+                           first_run_s=doc["last_run"]["seconds"])
+            row["warm_image_s"] = image(server, size)
             if more:
                 row.update(more(server))
         print(f"  {label:<28} first image {row['first_image_s']:7.1f} s after start, warm image "
-              f"{row['warm_image_s']:6.2f} s", flush=True)
+              f"{row['warm_image_s']:6.2f} s" + (f" (group start {row['group_start_s']:.1f} s, ranks' weights "
+              f"{row['rank_load_s']:.1f} s; the first run waited {row['first_run_prepare_s']:.1f} s of its "
+              f"{row['first_run_s']:.1f} s for them)" if "group_start_s" in row else ""), flush=True)
         return row
 
     def new_resolution(server):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -74,6 +75,10 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
     faults.prepare(base_dir)
     # a GPU rank's first call of each size compiles its blocks (15-25 s): the default call timeout
     env = dict({k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}, COMFY_XDIT_TIMEOUT="120")
+    if gpu:  # 2 ranks where 2 GPUs are visible, else 1 (a group needs a GPU per rank)
+        import torch
+
+        env["COMFY_XDIT_WORKERS"] = str(max(1, min(2, torch.cuda.device_count())))
     rows = []
     with headless.Server(comfyui, base_dir, env=env, cpu=not gpu, log_path=os.path.join(base_dir, "soak.log")) as server:
         for i, p in enumerate(plan(n)):
@@ -92,7 +97,10 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
         checks[f"rank {k} RSS"] = growth(rows, lambda r: r["rank_rss"][k])
     for k in range(len(rows[0]["gpu"])):
         checks[f"GPU memory {k}"] = growth(rows, lambda r: r["gpu"][k])
-    ok = all(abs(v) <= LIMIT or v < 0 for v in checks.values()) and not ranks_changed and "failed (" not in log
+    runs = [(int(a), int(b)) for a, b in re.findall(r"(\d+) of (\d+) model calls ran on the", log)]
+    routed = sum(a == b > 0 for a, b in runs)  # prompts whose every model call ran on the ranks
+    ok = (all(abs(v) <= LIMIT or v < 0 for v in checks.values()) and not ranks_changed and "failed (" not in log
+          and routed == n)
     lines = [f"Soak: {n} prompts on one server ({'GPU' if gpu else 'CPU'} ranks; sizes {SIZES}, LoRA on/off, "
              f"cfg 1/3.5, 4 steps each).", "",
              "| measure | at prompt 10 | at prompt %d | growth |" % n, "|---|---|---|---|"]
@@ -104,7 +112,8 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
         firsts[f"GPU memory {k}"] = (rows[9]["gpu"][k], rows[-1]["gpu"][k], "MiB")
     for name, (a, b, unit) in firsts.items():
         lines.append(f"| {name} | {a:.1f} {unit} | {b:.1f} {unit} | {checks[name] * 100:+.2f} % |")
-    lines += ["", f"Same rank processes throughout: {'no' if ranks_changed else 'yes'}; fallbacks: "
+    lines += ["", f"Prompts routed whole: {routed} of {n} ({env['COMFY_XDIT_WORKERS']} ranks). "
+              f"Same rank processes throughout: {'no' if ranks_changed else 'yes'}; fallbacks: "
               f"{log.count('failed (')}; every prompt's seconds: "
               + ", ".join(f"{r['seconds']:.1f}" for r in rows)]
     return "\n".join(lines), ok

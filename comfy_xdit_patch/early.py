@@ -1,0 +1,105 @@
+"""The worker group started while ComfyUI is still loading (its custom nodes' prestartup seam).
+
+ComfyUI runs each custom node's `prestartup_script.py` before it imports torch, its own modules and
+its nodes (~15 s on a GPU machine). Started from there, Ray and the ranks (each a process that
+imports torch and ComfyUI: 18-20 s on an H200) overlap that, instead of beginning when the plugin's
+hooks attach. Nothing here imports torch before ComfyUI does (ComfyUI warns about that): the settings
+are read with the driver's GPU count (`config.gpus_from_driver`), Ray starts at once (cluster.py, no
+torch), and the group itself is built once ComfyUI has imported torch.
+The Router adopts the group (`take`) when its settings are the ones it was started with; otherwise
+it is cancelled and the Router starts its own, as without this.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+log = logging.getLogger("comfy_xdit_patch")
+
+_state: dict = {}  # the one early start of this process: "start", "config", "thread", "group", "error", ...
+
+
+def start() -> bool:
+    """Start the worker group in the background if the plugin is on and asked to start ahead. Never
+    raises (a problem leaves the start to the Router, which reports it). True if a start is under way."""
+    if _state:
+        return True
+    try:
+        from . import cluster
+        from . import config as cfgmod
+
+        config = cfgmod.load(gpus=cfgmod.gpus_from_driver())
+        if not (config.enabled and config.prestart):
+            return False
+        import ray  # noqa: F401  (a missing dependency: the hooks say so)
+    except Exception as e:  # a bad setting or a missing dependency: the hooks say which, later
+        log.debug("comfy_xdit_patch: no early start (%s: %s)", type(e).__name__, e)
+        return False
+    log.info("comfy_xdit_patch: starting %d %s ranks while ComfyUI loads", config.workers,
+             "GPU" if config.use_gpu else "CPU")
+    cancelled = threading.Event()
+
+    def run():
+        deadline = time.monotonic() + config.start_timeout
+        try:
+            cluster.init_ray(config)
+            while "comfy.utils" not in sys.modules:  # ComfyUI imports torch right after its prestartup
+                if cancelled.is_set() or time.monotonic() > deadline:
+                    raise TimeoutError("ComfyUI did not go on loading")
+                time.sleep(0.02)
+            from .group import WorkerGroup
+
+            group = _state["group"] = WorkerGroup(config)
+            if cancelled.is_set():
+                group.cancel()
+            group.start()
+        except BaseException as e:
+            _state["error"] = e
+            if _state.get("group") is not None:
+                _state["group"].shutdown()
+
+    _state.update(config=config, cancelled=cancelled,
+                  thread=threading.Thread(target=run, name="comfy-xdit-early", daemon=True))
+    _state["thread"].start()
+    return True
+
+
+def take(config):
+    """The start begun at ComfyUI's start, for a Router with `config` (once; None if there is none or it
+    was begun with other settings, which is then cancelled)."""
+    if not _state or _state.get("taken"):
+        return None
+    _state["taken"] = True
+    started = _Started(_state)
+    if _state["config"] != config:
+        log.info("comfy_xdit_patch: the settings differ from those at ComfyUI's start; the group started then "
+                 "is replaced")
+        started.cancel()  # its own thread shuts it down
+        return None
+    return started
+
+
+class _Started:
+    """What the Router holds while the early start finishes: wait() for the group, or cancel()."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def wait(self):
+        self._state["thread"].join()  # bounded: the start keeps its deadline, and a cancel ends it
+        if "error" in self._state:
+            raise self._state["error"]
+        return self._state["group"]
+
+    def cancel(self) -> None:
+        self._state["cancelled"].set()
+        group = self._state.get("group")
+        if group is not None:
+            group.cancel()
+
+    def shutdown(self) -> None:
+        group = self._state.get("group")
+        if group is not None:
+            group.shutdown()
