@@ -166,11 +166,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
            "Where the ranks keep compiled code between ComfyUI processes (one folder per torch / ComfyUI / "
            "plugin / GPU version, so nothing stale is read).", _text),
-    EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Distinct base models each worker keeps loaded (least recently used is evicted).",
+    EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
-           "`1`: each rank compiles the model's transformer blocks with torch.compile on the first call of each "
-           "resolution (~15-25 s); `0`: they run as in ComfyUI.", _bool),
+           "`1`: each rank compiles the FLUX blocks (torch.compile) at each new resolution (~6 s on an "
+           "H200); `0`: as in ComfyUI.", _bool),
     # --- tuning (docs/configuration.md): the defaults are the measured best; change them to compare ---
     EnvVar("COMFY_XDIT_ATTENTION", "auto",
            "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
