@@ -1,0 +1,32 @@
+"""The group started at ComfyUI's prestartup (early.py): adopted when the settings match (shown through a
+real server in test_server.py), cancelled and shut down when they don't."""
+import os
+import time
+
+from comfy_xdit_patch import config as cfgmod
+from comfy_xdit_patch import early, lifecycle
+from comfy_xdit_patch.errors import Cancelled
+
+
+def test_a_group_started_early_with_other_settings_is_cancelled_and_shut_down(monkeypatch, router):
+    router.close_group()  # this machine has 2 cores: the early group's ranks get them
+    monkeypatch.setattr(early, "_state", {})
+    for k, v in {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2", "COMFY_XDIT_PRESTART": "1",
+                 "COMFY_XDIT_START_TIMEOUT": "120"}.items():
+        monkeypatch.setenv(k, v)
+    assert early.start()
+    # the hooks read other settings than prestartup did (here: another call timeout)
+    other = cfgmod.load(dict(os.environ, COMFY_XDIT_TIMEOUT="99"), gpus=0)
+    assert other != early._state["config"]
+    time.sleep(3)  # let it get going: Ray, then the group
+    assert early.take(other) is None and early.take(early._state["config"]) is None  # once only
+    early._state["thread"].join(150)
+    assert not early._state["thread"].is_alive()
+    assert isinstance(early._state.get("error"), Cancelled), early._state.get("error")
+    group = early._state.get("group")
+    if group is not None:
+        deadline = time.monotonic() + 30
+        while any(not lifecycle.process_gone(p) for p in group.pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(lifecycle.process_gone(p) for p in group.pids), "the cancelled group's ranks are gone"
+        assert group.pg is None  # its placement was removed
