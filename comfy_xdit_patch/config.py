@@ -161,11 +161,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
     EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
     EnvVar("COMFY_XDIT_PRESTART", "1",
-           "`1`: the worker group starts in the background when ComfyUI starts, ready for the first FLUX run; "
-           "`0`: on the first FLUX run.", _bool),
+           "`1`: the worker group starts with ComfyUI, in the background, and loads the model of the last "
+           "process's last FLUX run; `0`: it starts on the first FLUX run.", _bool),
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
-           "Where the ranks keep compiled code between ComfyUI processes (one folder per torch / ComfyUI / "
-           "plugin / GPU version, so nothing stale is read).", _text),
+           "Compiled code (a folder per torch / ComfyUI / plugin / GPU version) and the last model, kept "
+           "between ComfyUI processes.", _text),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",

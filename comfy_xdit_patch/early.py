@@ -8,17 +8,25 @@ are read with the driver's GPU count (`config.gpus_from_driver`), Ray starts at 
 torch), and the group itself is built once ComfyUI has imported torch.
 The Router adopts the group (`take`) when its settings are the ones it was started with; otherwise
 it is cancelled and the Router starts its own, as without this.
+
+A process that started early also records the base model (file and loader, no LoRA) of its last
+routed run under COMFY_XDIT_CACHE_DIR (`remember`); the next one's early group loads that model ahead
+(`preload`) when its files are unchanged, so a restarted ComfyUI's first run of the same workflow
+finds the weights on the GPUs. Another model costs only that load (the ranks keep one base model).
 """
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import sys
 import threading
 import time
 
 log = logging.getLogger("comfy_xdit_patch")
 
-_state: dict = {}  # the one early start of this process: "start", "config", "thread", "group", "error", ...
+_state: dict = {}  # the one early start of this process: "config", "thread", "group", "error", ...
+LAST = "last_model.pkl"  # under COMFY_XDIT_CACHE_DIR
 
 
 def start() -> bool:
@@ -55,6 +63,7 @@ def start() -> bool:
             if cancelled.is_set():
                 group.cancel()
             group.start()
+            preload(group, config)
         except BaseException as e:
             _state["error"] = e
             if _state.get("group") is not None:
@@ -64,6 +73,56 @@ def start() -> bool:
                   thread=threading.Thread(target=run, name="comfy-xdit-early", daemon=True))
     _state["thread"].start()
     return True
+
+
+def _last_path(config) -> str:
+    return os.path.join(os.path.expanduser(config.cache_dir), LAST)
+
+
+def remember(spec, config) -> None:
+    """After a routed run of a process that started early: its base model, for the next process. Never
+    raises (the record is a convenience)."""
+    if not _state or _state.get("remembered") == spec.base_key:
+        return
+    from .spec import base_only
+
+    path = _last_path(config)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + f".{os.getpid()}.part", "wb") as f:
+            pickle.dump(base_only(spec), f)
+        os.replace(path + f".{os.getpid()}.part", path)
+        _state["remembered"] = spec.base_key
+    except Exception as e:
+        log.debug("comfy_xdit_patch: the last model was not recorded (%s: %s)", type(e).__name__, e)
+
+
+def preload(group, config) -> None:
+    """Load the model the last process used, if its files are unchanged; a failure that leaves the group
+    healthy (the model can't be loaded) is logged and forgotten."""
+    from . import loaders
+    from .errors import Unroutable, WorkerFailed
+
+    try:
+        with open(_last_path(config), "rb") as f:
+            spec = pickle.load(f)
+        if loaders.stamps(p for p, *_ in spec.files) != tuple(spec.files):
+            return  # a file changed or is gone since: that model is another one now
+    except Exception:  # none recorded, or unreadable (another version wrote it)
+        return
+    t0 = time.perf_counter()
+    try:
+        group.prepare(spec)
+    except (Unroutable, WorkerFailed) as e:  # a rank refused or raised, and serves on (else: raised)
+        log.info("comfy_xdit_patch: the last run's model was not loaded ahead (%s)", e)
+        return
+    _state["preloaded"] = spec.base_key
+    log.info("comfy_xdit_patch: loaded the last run's model ahead on %d ranks in %.1f s", group.world,
+             time.perf_counter() - t0)
+
+
+def preloaded() -> bool:
+    return "preloaded" in _state
 
 
 def take(config):

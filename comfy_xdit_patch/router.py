@@ -21,7 +21,7 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 import torch
 
-from . import lifecycle, plans
+from . import early, lifecycle, plans
 from .config import Config
 from .errors import GroupBroken, Unroutable, classify
 from .plans.layout import LayoutError
@@ -163,6 +163,7 @@ class Router:
         if run.spec.key != self._current:
             self._set("loading", f"loading {run.plan.family.upper()} on {group.world} ranks")
         group.prepare(run.spec)
+        early.remember(run.spec, self.config)  # for the next ComfyUI process's early start
         self._current = run.spec.key
         self._set("ready", f"{run.plan.family.upper()} on {group.world} ranks")
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
@@ -188,7 +189,6 @@ class Router:
             if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
                 self.close_group()
             if self.group is None:
-                from . import early
                 from .group import WorkerGroup
 
                 ahead = early.take(self.config)  # the start ComfyUI's own start began (prestartup_script.py)
@@ -204,7 +204,8 @@ class Router:
                     self._starting = None
                 self.group, self._warm, self._current = group, set(), None
                 self.stats["group_starts"] += 1
-                self._set("ready", f"{group.world} ranks up, no model loaded yet")
+                self._set("ready", f"{group.world} ranks up, " + ("the last run's model loaded ahead" if ahead and
+                                                                   early.preloaded() else "no model loaded yet"))
             return self.group
 
     # --- SAMPLER_SAMPLE: the conds of this run, processed ---------------------------------------------

@@ -68,3 +68,10 @@ def spec_for(patcher) -> ModelSpec:
     key = f"{base}|{patcher.patches_uuid}|{objects_id}|{patcher.force_cast_weights}"
     return ModelSpec(base, key, recipe, patcher.patches, patcher.patches_uuid, objects, patcher.force_cast_weights,
                     files)
+
+
+def base_only(spec: ModelSpec) -> ModelSpec:
+    """The spec's base model alone (no weight or object patches): what a new group can load ahead."""
+    return dataclasses.replace(spec, key=f"{spec.base_key}|base", patches={}, patches_uuid=uuid.UUID(int=0),
+                               object_patches={}, force_cast_weights=False)
+

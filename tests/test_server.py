@@ -48,6 +48,17 @@ def test_images_agree_with_plugin_on_and_off(base_dir):
     assert np.abs(on - off).max() <= 1
 
 
+def test_a_restarted_comfyui_loads_the_last_runs_model_ahead(base_dir):
+    """A process that started its group early records the base model of its last routed run (under
+    COMFY_XDIT_CACHE_DIR); the next process's group loads it before the first prompt arrives."""
+    first, _ = render(base_dir, {"COMFY_XDIT": "1"}, "first")
+    again, log = render(base_dir, {"COMFY_XDIT": "1"}, "again")
+    # the prompt may come before the group is ready (here, on 2 cores); the run waits for the load then
+    ahead = log.find("loaded the last run's model ahead on 2 ranks")
+    assert -1 < ahead < log.find("4 of 4 model calls ran on the 2-rank worker group"), log[-3000:]
+    assert np.abs(first - again).max() == 0
+
+
 @pytest.mark.slow  # ~20 s: a server of its own
 def test_bad_value_starts_comfyui_unpatched_and_serving(base_dir):
     img, log = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_FALLBACK": "maybe"}, "bad")

@@ -31,6 +31,8 @@ class Server:
                  log_path: str | None = None, extra_args: tuple = ()):
         self.comfyui, self.base_dir, self.cpu = comfyui, base_dir, cpu
         self.env = dict(os.environ, **(env or {}))
+        # compiled code and the last model (early.py) per base directory, not the user's own cache
+        self.env.setdefault("COMFY_XDIT_CACHE_DIR", os.path.join(base_dir, "xdit-cache"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(base_dir, f"comfyui-{self.port}.log")
