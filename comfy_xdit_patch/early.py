@@ -63,7 +63,6 @@ def start() -> bool:
             if cancelled.is_set():
                 group.cancel()
             group.start()
-            preload(group, config)
         except BaseException as e:
             _state["error"] = e
             if _state.get("group") is not None:
@@ -147,10 +146,15 @@ class _Started:
         self._state = state
 
     def wait(self):
+        """The group, ready, with the last run's model loaded ahead where there is one. NOTE: called by the
+        Router (after ComfyUI has imported its modules): reading the record imports the loader's module,
+        which on the early thread could race ComfyUI's own imports."""
         self._state["thread"].join()  # bounded: the start keeps its deadline, and a cancel ends it
         if "error" in self._state:
             raise self._state["error"]
-        return self._state["group"]
+        group = self._state["group"]
+        preload(group, self._state["config"])
+        return group
 
     def cancel(self) -> None:
         self._state["cancelled"].set()
