@@ -155,9 +155,19 @@ class WorkerGroup:
             raise ClusterShort(f"the Ray cluster has room for {have} of {self.world} ranks now (each FLUX run "
                                f"checks again)")
 
+    def check_ray(self) -> None:
+        """Raise RayLost once the private cluster's GCS is gone. NOTE: Ray's driver thread that polls the GCS
+        for errors then spins (a core and the GIL: routed steps fell from ~30/s to ~1/s on 2 cores) until
+        ray.shutdown, which the fallback runs. A dead raylet costs nothing here: the ranks serve on (channel.py),
+        and the next run restarts Ray."""
+        lost = lifecycle.ray_lost(self.private, kinds=("gcs_server",))
+        if lost is not None:
+            raise RayLost(lost)
+
     def check_alive(self) -> None:
         import ray
 
+        self.check_ray()
         done, _ = ray.wait(self.serving, timeout=0, num_returns=len(self.serving))
         for ref in done:
             rank = self.serving.index(ref)
@@ -224,6 +234,7 @@ class WorkerGroup:
             raise ModelFileMissing(nodes.absent_message(absent))
 
     def call(self, key: str, family: str, mesh, chunks: int, call, device):
+        self.check_ray()  # each call, not only a wait over 50 ms (check_alive): fast steps never wait that long
         return self.request("call", (key, family, mesh, chunks, call.args, call.kwargs), keep=call.static,
                             device=device)
 

@@ -32,8 +32,9 @@ def _node():
     return getattr(ray_worker, "_global_node", None)
 
 
-def ray_lost(private: bool) -> str | None:
-    """Which of the private cluster's own processes died, if any (None: all there, or not ours to watch)."""
+def ray_lost(private: bool, kinds: tuple = ()) -> str | None:
+    """Which of the private cluster's own processes died, if any (None: all there, or not ours to watch).
+    kinds: only these (e.g. ("gcs_server",)); default all."""
     if not private:
         return None
     try:
@@ -45,6 +46,7 @@ def ray_lost(private: bool) -> str | None:
         dead = node.dead_processes() if node is not None else []
     except Exception as e:  # a half-torn-down Ray counts as lost
         return f"Ray's state is unreadable ({type(e).__name__}: {e})"
+    dead = [(kind, p) for kind, p in dead if not kinds or kind in kinds]
     if not dead:
         return None
     return "Ray's " + ", ".join(sorted({kind for kind, _ in dead})) + " died"

@@ -27,8 +27,9 @@ TOL = 1e-4
 UNET, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
 SIZE, STEPS = 128, 10  # a fault at step 2 lands mid-sampling (steps take 0.1-0.5 s on a busy 2-core machine)
 ROUTED = re.compile(r"(\d+) of (\d+) model calls ran on the 2-rank worker group")
-# (e) needs the group of (h) with the base model loaded; (b) and (c) start after a failed run left no group
-CASES = "adfheibcgG"
+# (e) needs the group of (h) with the base model loaded; (b) and (c) start after a failed run left no group;
+# (j) and (J) need a group up and warm, which (g)'s next prompt leaves
+CASES = "adfheibcgGjJ"
 PROGRESS = re.compile(r"(\d+)/(\d+) \[")
 
 
@@ -123,7 +124,7 @@ class Matrix:
             old = self.ranks()
         mark = len(self.server.log())
         paused = self.pauses()
-        state = {"t": None, "detect": None, "victim": None}
+        state = {"t": None, "detect": None, "victim": None, "late": False}
 
         def hit():
             state["t"] = time.monotonic()
@@ -141,6 +142,7 @@ class Matrix:
                 elif when == "prepare" and self.pauses() > paused:
                     hit()
                 elif when == "sampling" and any(int(k) >= 2 for k, _ in PROGRESS.findall(text)):
+                    state["late"] = any(k == n for k, n in PROGRESS.findall(text))  # the sampler was done
                     hit()
             elif state["detect"] is None and "failed (" in text:
                 state["detect"] = time.monotonic()
@@ -152,8 +154,8 @@ class Matrix:
         end = time.monotonic()
         poll()
         text = self._log(mark)
-        if state["t"] is None:
-            row.outcome = f"fault not applied ({when} never seen)"
+        if state["t"] is None or state["late"]:
+            row.outcome = f"fault not applied ({when} {'over' if state['late'] else 'never seen'})"
             return self._done(row)
         row.wait = round((state["detect"] or end) - state["t"], 1)
         m = ROUTED.findall(text)
@@ -177,7 +179,8 @@ class Matrix:
         m = ROUTED.findall(text)
         started = "worker group ready" in text
         full = bool(m) and m[-1][0] == m[-1][1] != "0"
-        row.routed_next = (f"{m[-1][0]}/{m[-1][1]}" if m else "0") + (" (new group)" if started else " (same group)")
+        row.routed_next = ((f"{m[-1][0]}/{m[-1][1]}" if m else "0") + (" (new group)" if started else " (same group)")
+                           + (", Ray started again" if "Started a local Ray instance" in text else ""))
         row.next_delta = float((latent(again) - self.reference[wf][1]).abs().max())
         now = self.ranks()
         left = [p for p in old if procs.alive(p) and p not in now] + [p for p in (victim,) if p and procs.alive(p)
@@ -236,6 +239,10 @@ class Matrix:
             "e": lambda: self.case("(e) rank SIGKILLed during a LoRA re-patch", "prepare", self.kill_rank(), wf="lora"),
             "g": lambda: self.case("(g) Ray's raylet SIGKILLed (idle)", "idle", self.kill_daemon("raylet")),
             "G": lambda: self.case("(g) Ray's GCS SIGKILLed (idle)", "idle", self.kill_daemon("gcs_server")),
+            "j": lambda: self.case("(j) Ray's raylet SIGKILLed mid-sampling", "sampling", self.kill_daemon("raylet"),
+                                   wf="long"),
+            "J": lambda: self.case("(j) Ray's GCS SIGKILLed mid-sampling", "sampling", self.kill_daemon("gcs_server"),
+                                   wf="long"),
         }
         for c in cases or CASES:
             table_of[c]()
@@ -297,7 +304,9 @@ def references(comfyui: str, base_dir: str, specs: dict) -> dict:
     return out
 
 
-SPECS = {"base": {}, "lora": {"lora": 1.0}}
+# NOTE: the ranks outlive Ray's raylet and GCS (channel.py's sockets carry the calls), so (j) runs 3x the
+# steps: many routed calls, and the channel's liveness checks (ray.wait), come after the fault
+SPECS = {"base": {}, "lora": {"lora": 1.0}, "long": {"steps": 3 * STEPS}}
 
 
 def run(base_dir: str, cases: str | None = None, env: dict | None = None) -> "Matrix":
