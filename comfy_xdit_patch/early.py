@@ -41,7 +41,8 @@ def start() -> bool:
         config = cfgmod.load(gpus=cfgmod.gpus_from_driver())
         if not (config.enabled and config.prestart):
             return False
-        import ray  # noqa: F401  (a missing dependency: the hooks say so)
+        import ray  # noqa: F401  (the hooks' own checks: a missing one leaves the plugin off, and then no
+        import wrapt  # noqa: F401  group may hold the GPUs)
     except Exception as e:  # a bad setting or a missing dependency: the hooks say which, later
         log.debug("comfy_xdit_patch: no early start (%s: %s)", type(e).__name__, e)
         return False
