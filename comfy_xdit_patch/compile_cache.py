@@ -17,10 +17,10 @@ another one may be compiling into it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil

@@ -98,16 +98,14 @@ def remember(spec, config) -> None:
 
 
 def preload(group, config) -> None:
-    """Load the model the last process used, if its files are unchanged; a failure that leaves the group
-    healthy (the model can't be loaded) is logged and forgotten."""
-    from . import loaders
+    """Load the model the last process used; a failure that leaves the group healthy is logged and
+    forgotten: the model can't be loaded, or its files changed or are gone since (each rank checks the
+    spec's file stamps before it loads, as for any run, and refuses)."""
     from .errors import Unroutable, WorkerFailed
 
     try:
         with open(_last_path(config), "rb") as f:
             spec = pickle.load(f)
-        if loaders.stamps(p for p, *_ in spec.files) != tuple(spec.files):
-            return  # a file changed or is gone since: that model is another one now
     except Exception:  # none recorded, or unreadable (another version wrote it)
         return
     t0 = time.perf_counter()

@@ -57,6 +57,13 @@ def test_a_restarted_comfyui_loads_the_last_runs_model_ahead(base_dir):
     ahead = log.find("loaded the last run's model ahead on 2 ranks")
     assert -1 < ahead < log.find("4 of 4 model calls ran on the 2-rank worker group"), log[-3000:]
     assert np.abs(first - again).max() == 0
+    # a file changed since: the ranks refuse that record (as any spec with other stamps), and load it for the run
+    unet = os.path.join(base_dir, "models/diffusion_models/tiny_flux.safetensors")
+    os.utime(unet, ns=(os.stat(unet).st_atime_ns, os.stat(unet).st_mtime_ns + 10**9))
+    changed, log = render(base_dir, {"COMFY_XDIT": "1"}, "changed")
+    assert "the last run's model was not loaded ahead" in log and "loaded the last run's model ahead" not in log
+    assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log)
+    assert np.abs(first - changed).max() == 0
 
 
 @pytest.mark.slow  # ~20 s: a server of its own

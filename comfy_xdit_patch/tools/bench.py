@@ -124,7 +124,9 @@ class Bench:
     def with_lora(self, patcher):
         """The model + a synthetic LoRA, built once (ComfyUI alone and the plugin runs share it)."""
         import comfy.sd
+
         from . import synthetic
+
         if self._lora is None:
             sd = patcher.model.diffusion_model.state_dict()
             lora = synthetic.lora(sd, rank=self.a.lora)

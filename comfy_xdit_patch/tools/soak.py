@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 
-from .. import locate
+from .. import config, locate
 from . import faults, headless, procs
 
 SIZES = (96, 128, 160)
@@ -76,9 +76,7 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
     # a GPU rank's first call of each size compiles its blocks (15-25 s): the default call timeout
     env = dict({k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}, COMFY_XDIT_TIMEOUT="120")
     if gpu:  # 2 ranks where 2 GPUs are visible, else 1 (a group needs a GPU per rank)
-        import torch
-
-        env["COMFY_XDIT_WORKERS"] = str(max(1, min(2, torch.cuda.device_count())))
+        env["COMFY_XDIT_WORKERS"] = str(max(1, min(2, config.visible_gpus())))
     rows = []
     with headless.Server(comfyui, base_dir, env=env, cpu=not gpu, log_path=os.path.join(base_dir, "soak.log")) as server:
         for i, p in enumerate(plan(n)):
