@@ -21,6 +21,11 @@ from .errors import Unroutable
 
 # Object patches applied before the diffusion model is called, in ComfyUI's process only.
 MAIN_ONLY_OBJECT_PATCHES = ("model_sampling", "latent_format")
+# NOTE: ComfyUI gives every new patcher (each loader run, each process) a new patches_uuid, also with no
+# weight patches at all. A rank compares it with its model's current one to decide whether to restore and
+# re-patch the weights (ModelPatcher.partially_load): for FLUX.1-dev, 24 GB to the CPU and back, 23 s on
+# an H200, for the same weights. Unpatched weights are one state, whoever asks for them.
+NO_PATCHES = uuid.UUID(int=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +70,13 @@ def spec_for(patcher) -> ModelSpec:
     except Exception as e:
         raise Unroutable(f"the model's recipe or object patches can't be sent to workers ({e})") from e
     base = _fingerprint(recipe, files)
-    key = f"{base}|{patcher.patches_uuid}|{objects_id}|{patcher.force_cast_weights}"
-    return ModelSpec(base, key, recipe, patcher.patches, patcher.patches_uuid, objects, patcher.force_cast_weights,
-                    files)
+    patches_uuid = patcher.patches_uuid if patcher.patches else NO_PATCHES
+    key = f"{base}|{patches_uuid}|{objects_id}|{patcher.force_cast_weights}"
+    return ModelSpec(base, key, recipe, patcher.patches, patches_uuid, objects, patcher.force_cast_weights, files)
 
 
 def base_only(spec: ModelSpec) -> ModelSpec:
     """The spec's base model alone (no weight or object patches): what a new group can load ahead."""
-    return dataclasses.replace(spec, key=f"{spec.base_key}|base", patches={}, patches_uuid=uuid.UUID(int=0),
+    return dataclasses.replace(spec, key=f"{spec.base_key}|base", patches={}, patches_uuid=NO_PATCHES,
                                object_patches={}, force_cast_weights=False)
 

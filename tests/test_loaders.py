@@ -120,6 +120,22 @@ def test_changed_file_is_another_model(models, test_loader):
         loaders.check_files(spec.spec_for(core).files)
 
 
+def test_unpatched_weights_are_one_state_across_loads(models, tiny_flux):
+    """ComfyUI gives each loaded model a new patches_uuid; the ranks compare it with their model's to decide
+    whether to restore and re-patch the weights (24 GB moved to the CPU and back for FLUX.1-dev). The same
+    file loaded again (a new process, a re-run loader) is the same model to the ranks; a LoRA is not."""
+    name = os.path.basename(tiny_flux)
+    (first,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")
+    (again,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")
+    assert first.patches_uuid != again.patches_uuid  # ComfyUI's own view: two patchers
+    a, b = spec.spec_for(first), spec.spec_for(again)
+    assert a.key == b.key and a.patches_uuid == b.patches_uuid == spec.base_only(a).patches_uuid
+    lora = saved(models, "tiny_flux_lora.safetensors", synthetic.lora(models[1], rank=4, seed=1, scale=0.1))
+    (patched,) = execute(nodes.LoraLoaderModelOnly, model=first, lora_name=lora, strength_model=1.0)
+    assert spec.spec_for(patched).patches_uuid not in (a.patches_uuid, first.patches_uuid)
+    assert spec.spec_for(patched).key != a.key
+
+
 def _runs_local(compare, router, caplog, model, words):
     before = router.stats["routed_calls"]
     with caplog.at_level(logging.INFO, logger="comfy_xdit_patch"):
