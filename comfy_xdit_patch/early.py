@@ -11,11 +11,15 @@ it is cancelled and the Router starts its own, as without this.
 
 A process that started early also records the base model (file and loader, no LoRA) of its last
 routed run under COMFY_XDIT_CACHE_DIR (`remember`); the next one's early group loads that model ahead
-(`preload`) when its files are unchanged, so a restarted ComfyUI's first run of the same workflow
-finds the weights on the GPUs. Another model costs only that load (the ranks keep one base model).
+(`preload`) as soon as it is up, while ComfyUI is still loading or idle, when its files are unchanged:
+a restarted ComfyUI's first run of the same workflow finds the weights on the GPUs. The record also
+keeps that run's first model call (its inputs, on the CPU: a few MB), which the early group runs once
+after the load, so the compiled blocks are traced and their kernels loaded before the first prompt
+too. Another model or resolution costs only its own load or compile.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pickle
@@ -41,8 +45,11 @@ def start() -> bool:
         config = cfgmod.load(gpus=cfgmod.gpus_from_driver())
         if not (config.enabled and config.prestart):
             return False
-        import ray  # noqa: F401  (the hooks' own checks: a missing one leaves the plugin off, and then no
-        import wrapt  # noqa: F401  group may hold the GPUs)
+        # the hooks' own checks (a missing one leaves the plugin off, and then no group may hold the GPUs),
+        # without importing them here, on ComfyUI's main thread (ray: ~1 s)
+        missing = [m for m in ("ray", "wrapt") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"{', '.join(missing)} not installed")
     except Exception as e:  # a bad setting or a missing dependency: the hooks say which, later
         log.debug("comfy_xdit_patch: no early start (%s: %s)", type(e).__name__, e)
         return False
@@ -51,9 +58,15 @@ def start() -> bool:
     cancelled = threading.Event()
 
     def run():
-        deadline = time.monotonic() + config.start_timeout
+        began = time.monotonic()
+        deadline = began + config.start_timeout
+
+        def reached(step):  # seconds from ComfyUI's prestartup (status: early_start)
+            _state["timeline"][step] = round(time.monotonic() - began, 3)
+
         try:
             cluster.init_ray(config)
+            reached("ray")
             while "comfy.utils" not in sys.modules:  # ComfyUI imports torch right after its prestartup
                 if cancelled.is_set() or time.monotonic() > deadline:
                     raise TimeoutError("ComfyUI did not go on loading")
@@ -64,12 +77,16 @@ def start() -> bool:
             if cancelled.is_set():
                 group.cancel()
             group.start()
+            reached("group")
+            record = _read_last(config, _state["wanted"], cancelled, deadline)
+            if record is not None and not cancelled.is_set():
+                preload(group, record, reached)
         except BaseException as e:
             _state["error"] = e
             if _state.get("group") is not None:
                 _state["group"].shutdown()
 
-    _state.update(config=config, cancelled=cancelled,
+    _state.update(config=config, cancelled=cancelled, wanted=threading.Event(), timeline={},
                   thread=threading.Thread(target=run, name="comfy-xdit-early", daemon=True))
     _state["thread"].start()
     return True
@@ -79,6 +96,14 @@ def _last_path(config) -> str:
     return os.path.join(os.path.expanduser(config.cache_dir), LAST)
 
 
+def _write(config, record: dict) -> None:
+    path = _last_path(config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + f".{os.getpid()}.part", "wb") as f:
+        pickle.dump(record, f)
+    os.replace(path + f".{os.getpid()}.part", path)
+
+
 def remember(spec, config) -> None:
     """After a routed run of a process that started early: its base model, for the next process. Never
     raises (the record is a convenience)."""
@@ -86,41 +111,108 @@ def remember(spec, config) -> None:
         return
     from .spec import base_only
 
-    path = _last_path(config)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + f".{os.getpid()}.part", "wb") as f:
-            pickle.dump(base_only(spec), f)
-        os.replace(path + f".{os.getpid()}.part", path)
+        _state["record"] = {"spec": base_only(spec), "call": None}
+        _write(config, _state["record"])
         _state["remembered"] = spec.base_key
     except Exception as e:
         log.debug("comfy_xdit_patch: the last model was not recorded (%s: %s)", type(e).__name__, e)
 
 
-def preload(group, config) -> None:
-    """Load the model the last process used; a failure that leaves the group healthy is logged and
-    forgotten: the model can't be loaded, or its files changed or are gone since (each rank checks the
-    spec's file stamps before it loads, as for any run, and refuses)."""
+def remember_call(spec, config, world: int, family: str, mesh, chunks: int, call) -> None:
+    """After the first routed call of the remembered model (once a process): that call, its tensors copied
+    to the CPU, for the next process's group to run once ahead. Never raises."""
+    record = _state.get("record")
+    if record is None or record["call"] is not None or _state.get("remembered") != spec.base_key:
+        return
+    import torch
+    from torch.utils import _pytree as pytree
+
+    try:  # clone: a CPU tensor that views a larger one would be pickled with all of its storage
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().cpu().clone(), (call.args, call.kwargs))
+        record["call"] = (world, family, mesh, chunks, args, kwargs)
+        _write(config, record)
+    except Exception as e:
+        log.debug("comfy_xdit_patch: the last call was not recorded (%s: %s)", type(e).__name__, e)
+
+
+class _NotImported(Exception):
+    pass
+
+
+class _Imported(pickle.Unpickler):
+    """Resolves names only in modules already imported: the early thread never imports one of ComfyUI's
+    (or a node pack's, like a GGUF loader) while ComfyUI itself may be importing it on its main thread."""
+
+    def find_class(self, module, name):
+        obj = sys.modules.get(module)
+        try:
+            for part in name.split("."):
+                obj = getattr(obj, part)  # a module still being imported may lack it yet
+        except AttributeError:
+            obj = None
+        if obj is None:
+            raise _NotImported(f"{module}.{name}")
+        return obj
+
+
+def _read_last(config, wanted: threading.Event, cancelled: threading.Event, deadline: float):
+    """The last run's record ({"spec", "call"}), once ComfyUI has imported what it names (its loader), or
+    None: none recorded, unreadable (another version wrote it), or what it names never got imported by
+    the time the first run wanted the group."""
+    while True:
+        last_try = wanted.is_set() or time.monotonic() > deadline  # a run comes after every node pack loaded
+        try:
+            with open(_last_path(config), "rb") as f:
+                record = _Imported(f).load()
+            return record if isinstance(record, dict) and "spec" in record else None
+        except _NotImported as e:
+            if last_try or cancelled.is_set():
+                log.info("comfy_xdit_patch: the last run's model was not loaded ahead (%s is not imported)", e)
+                return None
+            wanted.wait(0.1)
+        except Exception:
+            return None
+
+
+def preload(group, record: dict, reached=lambda step: None) -> None:
+    """Load the model the last process used, then run its first call once; a failure that leaves the group
+    healthy is logged and forgotten: the model can't be loaded, or its files changed or are gone since
+    (each rank checks the spec's file stamps before it loads, as for any run, and refuses), or the call
+    is refused. NOTE: not interruptible: ComfyUI's interrupt is meant for a prompt, which this is not."""
     from .errors import Unroutable, WorkerFailed
 
+    spec, t0 = record["spec"], time.perf_counter()
     try:
-        with open(_last_path(config), "rb") as f:
-            spec = pickle.load(f)
-    except Exception:  # none recorded, or unreadable (another version wrote it)
-        return
-    t0 = time.perf_counter()
-    try:
-        group.prepare(spec)
+        group.prepare(spec, interruptible=False)
     except (Unroutable, WorkerFailed) as e:  # a rank refused or raised, and serves on (else: raised)
         log.info("comfy_xdit_patch: the last run's model was not loaded ahead (%s)", e)
         return
     _state["preloaded"] = spec.base_key
+    reached("model")
     log.info("comfy_xdit_patch: loaded the last run's model ahead on %d ranks in %.1f s", group.world,
              time.perf_counter() - t0)
+    if record.get("call") is None or record["call"][0] != group.world:
+        return
+    _, family, mesh, chunks, args, kwargs = record["call"]
+    t0 = time.perf_counter()
+    try:
+        group.request("call", (spec.key, family, mesh, chunks, args, kwargs), timeout=group.config.load_timeout,
+                      interruptible=False)
+    except (Unroutable, WorkerFailed) as e:
+        log.info("comfy_xdit_patch: the last run's first call did not run ahead (%s)", e)
+        return
+    reached("compiled")
+    log.info("comfy_xdit_patch: ran the last run's first call ahead (%s) in %.1f s", mesh, time.perf_counter() - t0)
 
 
 def preloaded() -> bool:
     return "preloaded" in _state
+
+
+def timeline() -> dict | None:
+    """When the early start reached each step (seconds from ComfyUI's prestartup), if there was one."""
+    return dict(_state["timeline"]) if _state else None
 
 
 def take(config):
@@ -145,15 +237,13 @@ class _Started:
         self._state = state
 
     def wait(self):
-        """The group, ready, with the last run's model loaded ahead where there is one. NOTE: called by the
-        Router (after ComfyUI has imported its modules): reading the record imports the loader's module,
-        which on the early thread could race ComfyUI's own imports."""
-        self._state["thread"].join()  # bounded: the start keeps its deadline, and a cancel ends it
+        """The group, ready, with the last run's model loaded ahead where there is one (a load under way
+        is waited for: the run would wait for its own)."""
+        self._state["wanted"].set()
+        self._state["thread"].join()  # bounded: the start keeps its deadline, a load its timeout, a cancel ends it
         if "error" in self._state:
             raise self._state["error"]
-        group = self._state["group"]
-        preload(group, self._state["config"])
-        return group
+        return self._state["group"]
 
     def cancel(self) -> None:
         self._state["cancelled"].set()

@@ -46,6 +46,7 @@ class WorkerGroup:
         self.channel: channel_mod.DriverChannel | None = None
         self.attention = None
         self.start_seconds = self.ready_at = None
+        self.start_phases: dict[str, float] = {}  # seconds each start-up step took (status, first-image)
         self.cancelled = threading.Event()  # close_group() while this group is still starting
         self.private = not config.ray_address
         self._told: set[int] = set()  # pids whose log tail ComfyUI's log has shown
@@ -88,7 +89,15 @@ class WorkerGroup:
             out = ray.get([refs] if single else refs)
             return out[0] if single else out
 
+        mark = [t0]
+
+        def lap(phase: str) -> None:
+            now = time.perf_counter()
+            self.start_phases[phase] = round(now - mark[0], 3)
+            mark[0] = now
+
         init_ray(self.config)
+        lap("ray")
         left()
         import ray
         from ray.util.placement_group import placement_group
@@ -111,13 +120,14 @@ class WorkerGroup:
         placed = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
         bundle_nodes = [placed[b] for b in range(self.world)]
         order = nodes.rank_order(bundle_nodes, ray.get_runtime_context().get_node_id())
+        lap("placement")
         self.node_of = tuple(bundle_nodes[b] for b in order)
         actor = ray.remote(Worker)
         self.actors = [
             actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None,
                           runtime_env={"env_vars": rank_env()},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b))
-            .remote(r, self.world, comfy_root(), self.config)
+            .remote(r, self.world, comfy_root(), self.config, asked_at=time.time())
             for r, b in enumerate(order)
         ]
         if self.cancelled.is_set():  # cancel() may have run before the actors existed
@@ -125,8 +135,10 @@ class WorkerGroup:
         host, port = get(self.actors[0].address.remote())
         self.pids, ips = zip(*get([a.where.remote() for a in self.actors]))
         self.pids, self.ips = list(self.pids), list(ips)
+        lap("ranks")  # each rank's process started, with torch, ComfyUI and its GPU (rank docs: start_seconds)
         backends = get([a.init_distributed.remote(host, port, left()) for a in self.actors])
         self.attention = backends[0]
+        lap("distributed")
         # NOTE: ranks on this host reach the driver over a Unix socket; others over TCP on its node address.
         here = ray.util.get_node_ip_address()
         self.channel = channel_mod.DriverChannel(self.world, host=None if set(ips) == {here} else here)
@@ -135,6 +147,7 @@ class WorkerGroup:
         self.serving = [a.serve.remote(self.channel.address, self.channel.authkey, self.channel.shared)
                         for a in self.actors]
         self.channel.accept(left(), lambda: (self.check_alive(), left()))
+        lap("channel")
         self.ready_at = time.perf_counter()
         self.start_seconds = self.ready_at - t0
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
@@ -217,18 +230,20 @@ class WorkerGroup:
         # ComfyUI's interrupt is a BaseException: it propagates past every fallback.
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def request(self, op: str, body=None, all_reply=False, timeout=None, **kw):
+    def request(self, op: str, body=None, all_reply=False, timeout=None, interruptible=True, **kw):
         return self.channel.request(op, body, all_reply=all_reply, timeout=timeout or self.config.timeout,
-                                    alive=self.check_alive, interrupted=self._interrupted, **kw)
+                                    alive=self.check_alive,
+                                    interrupted=self._interrupted if interruptible else lambda: None, **kw)
 
-    def prepare(self, spec) -> None:
+    def prepare(self, spec, interruptible: bool = True) -> None:
         """Make `spec` current on every rank; its patches cross only to ranks that lack them."""
         import dataclasses
 
         light = dataclasses.replace(spec, patches=None) if spec.patches else spec
-        replies = self.request("prepare", light, all_reply=True, timeout=self.config.load_timeout)
+        kw = {"all_reply": True, "timeout": self.config.load_timeout, "interruptible": interruptible}
+        replies = self.request("prepare", light, **kw)
         if "missing" in replies.values():
-            replies = self.request("prepare", spec, all_reply=True, timeout=self.config.load_timeout)
+            replies = self.request("prepare", spec, **kw)
         absent = {r: v for r, v in replies.items() if isinstance(v, tuple)}
         if absent:
             raise ModelFileMissing(nodes.absent_message(absent))

@@ -265,6 +265,7 @@ class Router:
         self.last_call = time.time()
         if shape not in self._warm:
             self._warm.add(shape)
+            early.remember_call(run.spec, self.config, self.group.world, run.plan.family, mesh, chunks, call)
             self._set("ready", f"{run.plan.family.upper()} on {self.group.world} ranks, {run.size}, {mesh}")
         return out
 

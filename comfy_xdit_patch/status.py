@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from . import early
+
 log = logging.getLogger(__name__)
 
 EVENT = "xdit.status"
@@ -158,6 +160,7 @@ def _ranks(router, group) -> list[dict]:
             "memory_peak": seen.get("memory_peak"),
             "calls": seen.get("calls"),
             "load_seconds": seen.get("load_seconds"),  # its last model preparation (weights, patches)
+            "start_seconds": seen.get("start_seconds"),  # its process start, imports and GPU (group start)
             # NOTE: every routed call runs on every rank, so the driver's last routed call is each rank's
             "last_call": router.last_call,
             "state": router.state,
@@ -190,7 +193,8 @@ def snapshot(ask_ranks: bool = False) -> dict:
         last_run=router.last_run, fallbacks=router.stats["fallbacks"], last_fallback=router.last_fallback,
         restarts=router.restarts, group_starts=router.stats["group_starts"],
         routed_calls=router.stats["routed_calls"], local_calls=router.stats["local_calls"],
-        group_start_seconds=getattr(group, "start_seconds", None))
+        group_start_seconds=getattr(group, "start_seconds", None), group_start_phases=getattr(group, "start_phases", None),
+        early_start=early.timeline())
     return doc
 
 

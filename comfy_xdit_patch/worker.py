@@ -75,7 +75,15 @@ def _settle_heap() -> None:
 
 
 class Worker:
-    def __init__(self, rank: int, world: int, comfy_root: str, config):
+    def __init__(self, rank: int, world: int, comfy_root: str, config, asked_at: float | None = None):
+        began = mark = time.time()
+        # how this rank's start-up went (rank docs): its process's start (Ray), then its imports and GPU
+        self.start_seconds = {"process": round(began - asked_at, 3) if asked_at else None}
+
+        def lap(step):
+            nonlocal mark
+            self.start_seconds[step], mark = round(time.time() - mark, 3), time.time()
+
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -86,6 +94,7 @@ class Worker:
             args.cpu = True
         import torch
 
+        lap("torch")
         # NOTE: Ray starts an actor of num_cpus=1 with OMP_NUM_THREADS=1, so torch's CPU work (reading the
         # weights file into the model: 24 GB for FLUX.1-dev) ran on one thread, 31 s on 2x H200 against 6 s
         # in ComfyUI's process. Each rank takes its share of the node's cores (every GPU is visible).
@@ -93,6 +102,7 @@ class Worker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharers))
         if config.use_gpu:
             torch.cuda.set_device(_ray_gpu_index())  # before ComfyUI picks its device: the current one
+            lap("cuda")
         self.cache_folder = None  # where compiled code is kept (compile_cache), sealed after each new shape
         self.sealed: set = set()
         if config.compile:
@@ -106,6 +116,7 @@ class Worker:
         self.rank, self.world = rank, world
         self.config = config
         self.device = mm.get_torch_device()
+        lap("comfyui")
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             from .graphs import CallGraphs
@@ -202,7 +213,7 @@ class Worker:
                "calls": self.counters["calls"], "last_call": self.last_call,
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "load_seconds": self.load_seconds, "models": list(self.bases)}
+               "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases)}
         from .status import device_facts
 
         out.update(device_facts(self.torch, self.device))  # host, GPU name, memory now and peak

@@ -30,3 +30,37 @@ def test_a_group_started_early_with_other_settings_is_cancelled_and_shut_down(mo
             time.sleep(0.1)
         assert all(lifecycle.process_gone(p) for p in group.pids), "the cancelled group's ranks are gone"
         assert group.pg is None  # its placement was removed
+
+
+def test_the_last_model_record_is_read_only_once_comfyui_imported_what_it_names(tmp_path, monkeypatch, caplog):
+    """The early thread never imports a module itself (ComfyUI may be importing it on its main thread): a
+    record naming one not imported yet is read once it is; at the first run's wait, it is given up."""
+    import pickle
+    import sys
+    import threading
+    import time
+    import types
+
+    from comfy_xdit_patch.config import load
+
+    config = load({"COMFY_XDIT_CACHE_DIR": str(tmp_path)})
+    mod = types.ModuleType("xdit_loader_pack")
+    exec("def loader(path):\n    return path\n", mod.__dict__)
+    monkeypatch.setitem(sys.modules, "xdit_loader_pack", mod)
+    with open(tmp_path / early.LAST, "wb") as f:
+        pickle.dump({"spec": (mod.loader, "flux.safetensors"), "call": None}, f)
+    monkeypatch.delitem(sys.modules, "xdit_loader_pack")
+    wanted, cancelled, out = threading.Event(), threading.Event(), []
+    reader = threading.Thread(target=lambda: out.append(early._read_last(config, wanted, cancelled,
+                                                                         time.monotonic() + 60)))
+    reader.start()
+    time.sleep(0.5)
+    assert reader.is_alive() and "xdit_loader_pack" not in sys.modules  # waiting, not importing
+    monkeypatch.setitem(sys.modules, "xdit_loader_pack", mod)  # ComfyUI loaded the node pack
+    reader.join(5)
+    assert out == [{"spec": (mod.loader, "flux.safetensors"), "call": None}]
+    monkeypatch.delitem(sys.modules, "xdit_loader_pack")
+    wanted.set()  # the first run wants the group: one last try
+    with caplog.at_level("INFO", logger="comfy_xdit_patch"):
+        assert early._read_last(config, wanted, cancelled, time.monotonic() + 60) is None
+    assert "xdit_loader_pack.loader is not imported" in caplog.text

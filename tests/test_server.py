@@ -2,6 +2,7 @@
 API-format workflow POSTed to /prompt with the plugin on and off: the saved images agree."""
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -24,9 +25,11 @@ WORKFLOW = headless.flux_workflow(96, 80, steps=4, seed=5, unet="tiny_flux.safet
                                   vae="tiny_taesd16.safetensors", context_dim=synthetic.TINY_CONTEXT_DIM)
 
 
-def render(base_dir, env, name):
+def render(base_dir, env, name, before=None):
     with headless.Server(COMFYUI, base_dir, env=dict(env, COMFY_XDIT_WORKERS="2"), cpu=True,
                          log_path=os.path.join(base_dir, f"{name}.log")) as server:
+        if before:
+            before(server)
         result = server.run(WORKFLOW, timeout=600)
         log = server.log()
     assert len(result["images"]) == 1
@@ -50,12 +53,20 @@ def test_images_agree_with_plugin_on_and_off(base_dir):
 
 def test_a_restarted_comfyui_loads_the_last_runs_model_ahead(base_dir):
     """A process that started its group early records the base model of its last routed run (under
-    COMFY_XDIT_CACHE_DIR); the next process's group loads it before the first prompt arrives."""
+    COMFY_XDIT_CACHE_DIR); the next process's group loads it as soon as it is up, with no prompt yet."""
     first, _ = render(base_dir, {"COMFY_XDIT": "1"}, "first")
-    again, log = render(base_dir, {"COMFY_XDIT": "1"}, "again")
-    # the prompt may come before the group is ready (here, on 2 cores); the run waits for the load then
-    ahead = log.find("loaded the last run's model ahead on 2 ranks")
-    assert -1 < ahead < log.find("4 of 4 model calls ran on the 2-rank worker group"), log[-3000:]
+
+    def loaded_ahead(server):  # no prompt is sent until the ranks hold the model
+        deadline = time.monotonic() + 300
+        while "loaded the last run's model ahead on 2 ranks" not in server.log():
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.5)
+
+    again, log = render(base_dir, {"COMFY_XDIT": "1"}, "again", before=loaded_ahead)
+    assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log)
+    assert log.count("loaded the last run's model ahead") == 1 and log.count("worker group ready") == 1
+    # and its first call (recorded on the CPU) ran once on the ranks, ahead of the prompt
+    assert -1 < log.find("ran the last run's first call ahead") < log.find("4 of 4 model calls ran"), log[-3000:]
     assert np.abs(first - again).max() == 0
     # a file changed since: the ranks refuse that record (as any spec with other stamps), and load it for the run
     unet = os.path.join(base_dir, "models/diffusion_models/tiny_flux.safetensors")

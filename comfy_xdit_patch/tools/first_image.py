@@ -60,13 +60,16 @@ def main(argv=None) -> int:
         with headless.Server(comfy, base, env=env, cpu=not gpus,
                              log_path=os.path.join(base, f"first-image-{label.replace(' ', '-')}.log")) as server:
             image(server, size)
-            row = {"case": label, "first_image_s": time.perf_counter() - t0}
+            row = {"case": label, "first_image_s": time.perf_counter() - t0, "server_up_s": server.up_seconds}
             if env is on:  # what the first run waited for: the group, then the ranks' weights
                 doc = server._get("/xdit/status?ranks=1")
                 row.update(group_start_s=doc["group_start_seconds"],
                            rank_load_s=max((r.get("load_seconds") or 0.0) for r in doc["ranks"]),
                            first_run_prepare_s=doc["last_run"]["prepare_seconds"],
-                           first_run_s=doc["last_run"]["seconds"])
+                           first_run_s=doc["last_run"]["seconds"], group_phases=doc["group_start_phases"],
+                           rank_start=doc["ranks"][0].get("start_seconds"),
+                           early_start=doc["early_start"],
+                           loaded_ahead="loaded the last run's model ahead" in server.log())
             row["warm_image_s"] = image(server, size)
             if more:
                 row.update(more(server))

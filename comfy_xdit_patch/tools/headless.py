@@ -38,6 +38,7 @@ class Server:
         self.log_path = log_path or os.path.join(base_dir, f"comfyui-{self.port}.log")
         self.extra_args = list(extra_args)
         self.proc = None
+        self.up_seconds = None  # from its launch to its first HTTP answer
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -57,12 +58,14 @@ class Server:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        launched = time.monotonic()
+        deadline = launched + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 self._get("/system_stats")
+                self.up_seconds = time.monotonic() - launched
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
