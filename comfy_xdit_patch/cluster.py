@@ -25,6 +25,29 @@ def comfy_root() -> str:
     return os.path.dirname(os.path.abspath(folder_paths.__file__))
 
 
+def rank_env() -> dict:
+    """Environment the ranks start with, over the one they inherit from ComfyUI's process. ComfyUI's main.py
+    asks for torch's cudaMallocAsync allocator (PYTORCH_CUDA_ALLOC_CONF); under it, capturing a call of the
+    compiled blocks as a CUDA graph aborts the rank ("uncaptured free of a captured allocation", 1x H200),
+    so the ranks get torch's own caching allocator, with any other allocator option kept."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    # NOTE: read when a process first uses CUDA, so it must be set before the rank's process starts
+    kept = [p for p in conf.split(",") if p.strip() and not p.strip().startswith("backend:")]
+    return {"PYTORCH_CUDA_ALLOC_CONF": ",".join(kept)}
+
+
+def started_here() -> bool:
+    """Whether Ray, as this process is connected to it now, is the private cluster _start_ray started (its
+    workers, and so every rank, start with rank_env() and the path to this plugin and ComfyUI)."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    return node is not None and _STARTED.get("session") == node.session_name
+
+
+_STARTED: dict = {}  # "session": the Ray session _start_ray started
+
+
 def _worker_path() -> str:
     parts = [PACKAGE_ROOT, comfy_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
@@ -90,11 +113,15 @@ def _start_ray(config: Config) -> None:
     # NOTE: ranks see every GPU Ray was started with and pick their own (worker.py): peer copies
     # between ranks need each other's GPUs visible. The raylet, and so every worker, inherits this.
     os.environ[_NOSET] = "1"
+    saved_alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    os.environ.update(rank_env())  # NOTE: the raylet's workers, which Ray starts ahead, inherit it too
     try:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
+        _STARTED["session"] = ray._private.worker._global_node.session_name
     finally:
         os.environ.pop(_NOSET, None)
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        for name, value in (("CUDA_VISIBLE_DEVICES", saved), ("PYTORCH_CUDA_ALLOC_CONF", saved_alloc)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -60,6 +60,7 @@ class Config:
     model_cache: int
     cache_dir: str
     prestart: bool
+    while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -163,6 +164,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_PRESTART", "1",
            "`1`: the worker group starts with ComfyUI, in the background, and loads the model of the last "
            "process's last FLUX run; `0`: it starts on the first FLUX run.", _bool),
+    EnvVar("COMFY_XDIT_WHILE_STARTING", "local",
+           "A FLUX run that comes while the worker group started with ComfyUI is still starting (or loading "
+           "the last model ahead): `local` runs it in ComfyUI's process, as without the plugin, when ComfyUI's "
+           "GPU can hold a second copy of the model (2.5x its size); `wait` waits for the group.",
+           _choice("local", "wait"), "tuning"),
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
            "Compiled code (a folder per torch / ComfyUI / plugin / GPU version) and the last model, kept "
            "between ComfyUI processes.", _text),
@@ -287,6 +293,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         cache_dir=val.get("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch"),
         prestart=val.get("COMFY_XDIT_PRESTART", True),
+        while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
         gpus=gpus,
     )
 

@@ -61,7 +61,7 @@ def start() -> bool:
         began = time.monotonic()
         deadline = began + config.start_timeout
 
-        def reached(step):  # seconds from ComfyUI's prestartup (status: early_start)
+        def reached(step):  # seconds from ComfyUI's prestartup (status: early_start; "done": ready or failed)
             _state["timeline"][step] = round(time.monotonic() - began, 3)
 
         try:
@@ -85,6 +85,8 @@ def start() -> bool:
             _state["error"] = e
             if _state.get("group") is not None:
                 _state["group"].shutdown()
+        finally:
+            reached("done")
 
     _state.update(config=config, cancelled=cancelled, wanted=threading.Event(), timeline={},
                   thread=threading.Thread(target=run, name="comfy-xdit-early", daemon=True))
@@ -161,7 +163,7 @@ def _read_last(config, wanted: threading.Event, cancelled: threading.Event, dead
     None: none recorded, unreadable (another version wrote it), or what it names never got imported by
     the time the first run wanted the group."""
     while True:
-        last_try = wanted.is_set() or time.monotonic() > deadline  # a run comes after every node pack loaded
+        last_try = wanted.is_set() or time.monotonic() > deadline  # want(): a run wants the group
         try:
             with open(_last_path(config), "rb") as f:
                 record = _Imported(f).load()
@@ -206,6 +208,13 @@ def preload(group, record: dict, reached=lambda step: None) -> None:
     log.info("comfy_xdit_patch: ran the last run's first call ahead (%s) in %.1f s", mesh, time.perf_counter() - t0)
 
 
+def want() -> None:
+    """A FLUX run waits for the group: the last model's record is read now or never (a run comes after every
+    node pack has loaded, so a module it names that is not imported yet never will be)."""
+    if _state:
+        _state["wanted"].set()
+
+
 def preloaded() -> bool:
     return "preloaded" in _state
 
@@ -239,7 +248,6 @@ class _Started:
     def wait(self):
         """The group, ready, with the last run's model loaded ahead where there is one (a load under way
         is waited for: the run would wait for its own)."""
-        self._state["wanted"].set()
         self._state["thread"].join()  # bounded: the start keeps its deadline, a load its timeout, a cancel ends it
         if "error" in self._state:
             raise self._state["error"]

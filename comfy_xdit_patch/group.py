@@ -8,30 +8,18 @@ call. Every wait is bounded. A dead rank shows as a closed connection or a finis
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 
 from . import channel as channel_mod
 from . import errors, lifecycle, nodes
-from .cluster import comfy_root, init_ray
+from .cluster import comfy_root, init_ray, rank_env, started_here
 from .config import Config
 from .errors import (Cancelled, ClusterShort, GroupBroken, ModelFileMissing, RayLost, RoutingError, StartTimeout,
                      WorkerDied)
 
 log = logging.getLogger(__name__)
-
-def rank_env() -> dict:
-    """Environment the ranks start with, over the one they inherit from ComfyUI's process. ComfyUI's main.py
-    asks for torch's cudaMallocAsync allocator (PYTORCH_CUDA_ALLOC_CONF); under it, capturing a call of the
-    compiled blocks as a CUDA graph aborts the rank ("uncaptured free of a captured allocation", 1x H200),
-    so the ranks get torch's own caching allocator, with any other allocator option kept."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    # NOTE: read when a process first uses CUDA, so it must be set before the rank's process starts
-    kept = [p for p in conf.split(",") if p.strip() and not p.strip().startswith("backend:")]
-    return {"PYTORCH_CUDA_ALLOC_CONF": ",".join(kept)}
-
 
 class WorkerGroup:
     def __init__(self, config: Config):
@@ -123,9 +111,11 @@ class WorkerGroup:
         lap("placement")
         self.node_of = tuple(bundle_nodes[b] for b in order)
         actor = ray.remote(Worker)
+        # NOTE: a cluster this process started gave its workers rank_env() already (cluster.py), so a rank takes
+        # a worker Ray started ahead; a runtime_env of its own would have Ray start a new one (+2-3 s on an H200)
+        env = {} if started_here() else {"runtime_env": {"env_vars": rank_env()}}
         self.actors = [
-            actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None,
-                          runtime_env={"env_vars": rank_env()},
+            actor.options(num_cpus=1, num_gpus=1 if self.config.use_gpu else 0, max_restarts=0, name=None, **env,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b))
             .remote(r, self.world, comfy_root(), self.config, asked_at=time.time())
             for r, b in enumerate(order)

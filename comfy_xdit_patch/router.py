@@ -118,6 +118,8 @@ class Router:
             self._once(("multigpu", id(patcher.model)), "comfy_xdit_patch: core MultiGPU CFG Split is on this "
                        "model; stepping aside for it")
             return executor(*args, **kwargs)
+        if self._not_yet(patcher):
+            return executor(*args, **kwargs)
         run = Run(patcher, plans.plan_for(patcher.model.diffusion_model))
         opened = time.time()
         try:
@@ -151,6 +153,21 @@ class Router:
                  run.routed + run.here, self.config.workers)
         return out
 
+    def _not_yet(self, patcher) -> bool:
+        """Whether this run stays in ComfyUI's process, as without the plugin, because the group started in the
+        background (prestart) is not ready yet (COMFY_XDIT_WHILE_STARTING=local): the first image after a start then comes
+        as soon as ComfyUI alone's, not after Ray, the ranks and their weights. Only where ComfyUI's GPU can
+        hold its own copy beside rank 0's (and what the run needs besides) until the next run frees it."""
+        if self.group is not None or self._starting is None or self.config.while_starting != "local":
+            return False
+        if self.config.use_gpu:
+            device = comfy.model_management.get_torch_device()
+            if comfy.model_management.get_total_memory(device) < 2.5 * patcher.model_size():
+                return False
+        self.stats["runs_while_starting"] += 1
+        log.info("comfy_xdit_patch: the worker group is still starting; this run stays in ComfyUI's process")
+        return True
+
     def _open(self, run: Run) -> None:
         # NOTE: weights this process still holds from an earlier local run would sit beside rank 0's.
         comfy.model_management.unload_model_and_clones(run.patcher, unload_additional_models=False)
@@ -158,6 +175,7 @@ class Router:
         if forced is not None:  # an impossible forced layout is refused before sampling starts
             plans.layout.choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
                                      forced, ring_ok=True, gather=self.config.attention == "gather")
+        early.want()  # a run waits for the group: the last model's record is not waited for any longer
         group = self._group()
         run.spec = spec_for(run.patcher)
         if run.spec.key != self._current:

@@ -192,6 +192,7 @@ def snapshot(ask_ranks: bool = False) -> dict:
         run=None if run is None else {"routed": run.routed, "local": run.here},
         last_run=router.last_run, fallbacks=router.stats["fallbacks"], last_fallback=router.last_fallback,
         restarts=router.restarts, group_starts=router.stats["group_starts"],
+        runs_while_starting=router.stats["runs_while_starting"],
         routed_calls=router.stats["routed_calls"], local_calls=router.stats["local_calls"],
         group_start_seconds=getattr(group, "start_seconds", None), group_start_phases=getattr(group, "start_phases", None),
         early_start=early.timeline())

@@ -84,6 +84,9 @@ class Worker:
             nonlocal mark
             self.start_seconds[step], mark = round(time.time() - mark, 3), time.time()
 
+        from .lifecycle import diag_pause
+
+        diag_pause("init")  # test-only, off unless its variable is set
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")

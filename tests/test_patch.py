@@ -137,7 +137,7 @@ def test_prestarted_group_outlives_the_thread_that_started_it():
 def test_ranks_start_with_torchs_own_cuda_allocator(monkeypatch):
     """ComfyUI's main.py asks for cudaMallocAsync; the ranks' environment drops that backend (CUDA graph
     capture of the compiled blocks aborted under it) and keeps every other allocator option."""
-    from comfy_xdit_patch.group import rank_env
+    from comfy_xdit_patch.cluster import rank_env
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,backend:cudaMallocAsync")
     assert rank_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

@@ -3,6 +3,7 @@ API-format workflow POSTed to /prompt with the plugin on and off: the saved imag
 import os
 import re
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -25,19 +26,33 @@ WORKFLOW = headless.flux_workflow(96, 80, steps=4, seed=5, unet="tiny_flux.safet
                                   vae="tiny_taesd16.safetensors", context_dim=synthetic.TINY_CONTEXT_DIM)
 
 
-def render(base_dir, env, name, before=None):
+def render(base_dir, env, name, before=None, after=None):
     with headless.Server(COMFYUI, base_dir, env=dict(env, COMFY_XDIT_WORKERS="2"), cpu=True,
                          log_path=os.path.join(base_dir, f"{name}.log")) as server:
         if before:
             before(server)
         result = server.run(WORKFLOW, timeout=600)
+        if after:
+            after(server)
         log = server.log()
     assert len(result["images"]) == 1
     return np.asarray(Image.open(result["images"][0])).astype(np.int16), log
 
 
+def ranks_allocator(server):
+    """The ranks' own environment: ComfyUI's allocator backend dropped, its other options kept (a CUDA graph
+    capture aborts under cudaMallocAsync), through the private Ray the early start began, with no
+    runtime_env of their own."""
+    for rank in server._get("/xdit/status?ranks=1")["ranks"]:
+        with open(f"/proc/{rank['pid']}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert env[b"PYTORCH_CUDA_ALLOC_CONF"] == b"expandable_segments:True", rank
+
+
 def test_images_agree_with_plugin_on_and_off(base_dir):
-    on, log_on = render(base_dir, {"COMFY_XDIT": "1"}, "on")
+    on, log_on = render(base_dir, {"COMFY_XDIT": "1",
+                                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"},
+                        "on", after=ranks_allocator)
     off, log_off = render(base_dir, {"COMFY_XDIT": "0"}, "off")
     assert "worker group ready: 2 ranks" in log_on
     # started by prestartup_script.py before ComfyUI imported its nodes, and that group was the one used
@@ -82,3 +97,29 @@ def test_bad_value_starts_comfyui_unpatched_and_serving(base_dir):
     img, log = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_FALLBACK": "maybe"}, "bad")
     assert "COMFY_XDIT_FALLBACK='maybe' is not valid" in log
     assert "worker group" not in log and img.shape == (80, 96, 3)
+
+
+def test_a_run_while_the_group_starts_runs_as_comfyui_alone_and_the_next_is_routed(base_dir):
+    """COMFY_XDIT_WHILE_STARTING=local (the default; test servers wait): a prompt that comes while the group
+    started with ComfyUI is still starting runs in ComfyUI's process, as without the plugin, instead of
+    waiting for the ranks; once the group is up, the same prompt is routed, with the same image."""
+    env = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2", "COMFY_XDIT_WHILE_STARTING": "local",
+           "COMFY_XDIT_DIAG_PAUSE": "init=15"}  # each rank holds 15 s in its start: the prompt comes first
+    with headless.Server(COMFYUI, base_dir, env=env, cpu=True,
+                         log_path=os.path.join(base_dir, "while-starting.log")) as server:
+        local = server.run(WORKFLOW, timeout=600)
+        status = server._get("/xdit/status")
+        assert status["runs_while_starting"] == 1 and status["routed_calls"] == 0, status
+        assert "still starting; this run stays in ComfyUI's process" in server.log()
+        deadline = time.monotonic() + 300
+        while "done" not in (server._get("/xdit/status")["early_start"] or {}):
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.5)
+        free = urllib.request.Request(server.url + "/free", data=b'{"free_memory": true}',
+                                      headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(free, timeout=30).close()  # ComfyUI forgets its outputs: the prompt runs again
+        routed = server.run(WORKFLOW, timeout=600)
+        log = server.log()
+    assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log), log[-3000:]
+    a, b = (np.asarray(Image.open(r["images"][0])).astype(np.int16) for r in (local, routed))
+    assert a.std() > 1 and np.abs(a - b).max() <= 1

@@ -220,7 +220,7 @@ class Bench:
 
     def config(self, workers: int, parallel: str, env: dict):
         settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
-                    **env}
+                    "COMFY_XDIT_WHILE_STARTING": "wait", **env}  # the first run is the plugin's, timed
         return cfgmod.load(settings, gpus=self.gpus)
 
     def prestart(self, workers: int, env: dict):

@@ -30,6 +30,8 @@ def _args(argv):
     ap.add_argument("--unet", help="a FLUX diffusion-model file (default: synthetic FLUX.1-dev weights on GPU)")
     ap.add_argument("--workers", type=int, help="ranks (default: all GPUs; 2 on CPU)")
     ap.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
+    ap.add_argument("--while-starting", default="local", choices=("local", "wait"),
+                    help="COMFY_XDIT_WHILE_STARTING for the plugin's servers (default: the plugin's default)")
     ap.add_argument("--out", default="bench_out")
     return ap.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     new_size = a.new_size or size + (256 if gpus else 64)
     steps = a.steps or (20 if gpus else 4)
     cache = tempfile.mkdtemp(prefix="xdit-compile-cache-")
-    on = {"COMFY_XDIT": "1", "COMFY_XDIT_CACHE_DIR": cache}
+    on = {"COMFY_XDIT": "1", "COMFY_XDIT_CACHE_DIR": cache, "COMFY_XDIT_WHILE_STARTING": a.while_starting}
     if a.workers or not gpus:
         on["COMFY_XDIT_WORKERS"] = str(a.workers or 2)
     print(f"model: {what}; {size}² then {new_size}², {steps} steps; compile cache {cache}", flush=True)
@@ -61,7 +63,13 @@ def main(argv=None) -> int:
                              log_path=os.path.join(base, f"first-image-{label.replace(' ', '-')}.log")) as server:
             image(server, size)
             row = {"case": label, "first_image_s": time.perf_counter() - t0, "server_up_s": server.up_seconds}
-            if env is on:  # what the first run waited for: the group, then the ranks' weights
+            if env is on and server._get("/xdit/status")["runs_while_starting"]:  # ran as ComfyUI alone
+                while "done" not in (server._get("/xdit/status")["early_start"] or {"done": None}):
+                    assert time.perf_counter() - t0 < 600, "the early start did not end"
+                    time.sleep(0.2)
+                row["group_ready_s"] = time.perf_counter() - t0  # from here on, runs are routed
+                row["first_routed_image_s"] = image(server, size)
+            if env is on:  # what the first routed run waited for: the group, then the ranks' weights
                 doc = server._get("/xdit/status?ranks=1")
                 row.update(group_start_s=doc["group_start_seconds"],
                            rank_load_s=max((r.get("load_seconds") or 0.0) for r in doc["ranks"]),
@@ -73,6 +81,9 @@ def main(argv=None) -> int:
             row["warm_image_s"] = image(server, size)
             if more:
                 row.update(more(server))
+        if "group_ready_s" in row:
+            print(f"  {label:<28} (the first image ran in ComfyUI's process; the group was ready "
+                  f"{row['group_ready_s']:.1f} s after start, its first image took {row['first_routed_image_s']:.1f} s)")
         print(f"  {label:<28} first image {row['first_image_s']:7.1f} s after start, warm image "
               f"{row['warm_image_s']:6.2f} s" + (f" (group start {row['group_start_s']:.1f} s, ranks' weights "
               f"{row['rank_load_s']:.1f} s; the first run waited {row['first_run_prepare_s']:.1f} s of its "

@@ -33,6 +33,8 @@ class Server:
         self.env = dict(os.environ, **(env or {}))
         # compiled code and the last model (early.py) per base directory, not the user's own cache
         self.env.setdefault("COMFY_XDIT_CACHE_DIR", os.path.join(base_dir, "xdit-cache"))
+        # a test's or the demo's first prompt is there to be routed, not to run while the group starts
+        self.env.setdefault("COMFY_XDIT_WHILE_STARTING", "wait")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(base_dir, f"comfyui-{self.port}.log")
