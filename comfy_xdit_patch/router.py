@@ -32,6 +32,7 @@ log = logging.getLogger("comfy_xdit_patch")
 
 KEY = "comfy_xdit_patch"
 MAX_RESTARTS = 2  # consecutive runs with a transient failure that restart the group; the next unpatches
+WATCH_SECONDS = 2.0  # how often an idle group's private Ray is checked (Router._watch)
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class Router:
         self._on_disable = on_disable
         self._said: set = set()
         self._lock = threading.RLock()
+        self._sampling = 0  # sampling runs under way (ComfyUI runs one at a time)
         # what status.py reads; set at transitions only, never per call
         self.state, self.detail = "idle", "the worker group starts on the first FLUX run"
         self.last_run = self.last_fallback = self.last_call = None
@@ -110,6 +112,13 @@ class Router:
 
     # --- OUTER_SAMPLE: one sampling run -------------------------------------------------------------
     def outer_sample(self, executor, *args, **kwargs):
+        self._sampling += 1  # Router._watch leaves the group to a run, from its start to its end
+        try:
+            return self._outer_sample(executor, *args, **kwargs)
+        finally:
+            self._sampling -= 1
+
+    def _outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
         patcher = guider.model_patcher
         if not self.active:
@@ -222,9 +231,29 @@ class Router:
                     self._starting = None
                 self.group, self._warm, self._current = group, set(), None
                 self.stats["group_starts"] += 1
+                if group.private:
+                    threading.Thread(target=self._watch, args=(group,), name="comfy-xdit-watch", daemon=True).start()
                 self._set("ready", f"{group.world} ranks up, " + ("the last run's model loaded ahead" if ahead and
                                                                    early.preloaded() else "no model loaded yet"))
             return self.group
+
+    def _watch(self, group) -> None:
+        """While `group` is this Router's: when the private cluster's GCS dies between runs, close the group at
+        once. Ray's driver thread that polls the GCS then spins (a core of ComfyUI's process, for as long as no
+        FLUX run comes to notice); closing the group shuts Ray down, and the next run starts both again."""
+        while self.group is group:
+            time.sleep(WATCH_SECONDS)
+            if self._sampling or lifecycle.ray_lost(True, kinds=("gcs_server",)) is None:
+                continue  # a run's own calls check (WorkerGroup.check_ray)
+            if not self._lock.acquire(blocking=False):  # a run is starting or preparing: it sees the loss itself
+                continue
+            try:
+                if self.group is group and not self._sampling:
+                    log.warning("comfy_xdit_patch: Ray's GCS died between runs; the worker group is closed, and "
+                                "the next FLUX run starts Ray and a group again")
+                    self.close_group()
+            finally:
+                self._lock.release()
 
     # --- SAMPLER_SAMPLE: the conds of this run, processed ---------------------------------------------
     def sampler_sample(self, executor, guider, *args, **kwargs):

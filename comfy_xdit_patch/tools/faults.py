@@ -222,6 +222,29 @@ class Matrix:
             return None
         return fault
 
+    def gcs_idle(self):
+        """(g) GCS: killed, then left idle until the plugin says it closed the group (Router._watch), and
+        ComfyUI's CPU time measured over the next 3 s (Ray's driver thread spun a core until a FLUX run came)."""
+        kill = self.kill_daemon("gcs_server")
+
+        def fault():
+            mark = len(self.server.log())
+            kill()
+            deadline = time.monotonic() + 30
+            while "GCS died between runs" not in self._log(mark) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            before = procs.cpu_seconds(self.root)
+            time.sleep(3)
+            self.idle_cpu_s = procs.cpu_seconds(self.root) - before
+        return fault
+
+    def idle_cpu(self, row: Row) -> Row:
+        spent = getattr(self, "idle_cpu_s", None)
+        row.outcome += "; idle after it: " + ("not measured" if spent is None else
+                                               f"ComfyUI used {spent:.2f} s of CPU in 3 s")
+        row.ok = row.ok and spent is not None and spent < 1.0
+        return row
+
     def run_all(self, cases: str = None) -> list[Row]:
         self.wait_group()
         self.server.run(workflow(**self.reference["base"][0]), timeout=600)  # warm: model on the ranks
@@ -238,7 +261,7 @@ class Matrix:
                                    before=self.throwaway_failure),
             "e": lambda: self.case("(e) rank SIGKILLed during a LoRA re-patch", "prepare", self.kill_rank(), wf="lora"),
             "g": lambda: self.case("(g) Ray's raylet SIGKILLed (idle)", "idle", self.kill_daemon("raylet")),
-            "G": lambda: self.case("(g) Ray's GCS SIGKILLed (idle)", "idle", self.kill_daemon("gcs_server")),
+            "G": lambda: self.idle_cpu(self.case("(g) Ray's GCS SIGKILLed (idle)", "idle", self.gcs_idle())),
             "j": lambda: self.case("(j) Ray's raylet SIGKILLed mid-sampling", "sampling", self.kill_daemon("raylet"),
                                    wf="long"),
             "J": lambda: self.case("(j) Ray's GCS SIGKILLed mid-sampling", "sampling", self.kill_daemon("gcs_server"),

@@ -52,6 +52,15 @@ def ray_daemon(root: int, name: str) -> list[int]:
     return sorted(pid for pid, cmd in descendants(root).items() if cmd.split(" ", 1)[0].endswith("/" + name))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, all its threads."""
+    try:
+        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return 0.0
+
+
 def rss_mib(pid: int) -> float:
     for line in _read(f"/proc/{pid}/status").splitlines():
         if line.startswith("VmRSS:"):
