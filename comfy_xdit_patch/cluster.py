@@ -39,9 +39,7 @@ def rank_env() -> dict:
 def started_here() -> bool:
     """Whether Ray, as this process is connected to it now, is the private cluster _start_ray started (its
     workers, and so every rank, start with rank_env() and the path to this plugin and ComfyUI)."""
-    import ray._private.worker as ray_worker
-
-    node = getattr(ray_worker, "_global_node", None)
+    node = lifecycle._node()
     return node is not None and _STARTED.get("session") == node.session_name
 
 
@@ -117,7 +115,7 @@ def _start_ray(config: Config) -> None:
     os.environ.update(rank_env())  # NOTE: the raylet's workers, which Ray starts ahead, inherit it too
     try:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", **resources)
-        _STARTED["session"] = ray._private.worker._global_node.session_name
+        _STARTED["session"] = lifecycle._node().session_name
     finally:
         os.environ.pop(_NOSET, None)
         for name, value in (("CUDA_VISIBLE_DEVICES", saved), ("PYTORCH_CUDA_ALLOC_CONF", saved_alloc)):

@@ -199,8 +199,7 @@ def preload(group, record: dict, reached=lambda step: None) -> None:
     _, family, mesh, chunks, args, kwargs = record["call"]
     t0 = time.perf_counter()
     try:
-        group.request("call", (spec.key, family, mesh, chunks, args, kwargs), timeout=group.config.load_timeout,
-                      interruptible=False)
+        group.call(spec.key, family, mesh, chunks, args, kwargs, timeout=group.config.load_timeout, interruptible=False)
     except (Unroutable, WorkerFailed) as e:
         log.info("comfy_xdit_patch: the last run's first call did not run ahead (%s)", e)
         return

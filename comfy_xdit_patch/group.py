@@ -238,10 +238,10 @@ class WorkerGroup:
         if absent:
             raise ModelFileMissing(nodes.absent_message(absent))
 
-    def call(self, key: str, family: str, mesh, chunks: int, call, device):
+    def call(self, key: str, family: str, mesh, chunks: int, args: tuple, kwargs: dict, **kw):
+        """One model call on every rank (kw: request's keep, device, timeout, interruptible)."""
         self.check_ray()  # each call, not only a wait over 50 ms (check_alive): fast steps never wait that long
-        return self.request("call", (key, family, mesh, chunks, call.args, call.kwargs), keep=call.static,
-                            device=device)
+        return self.request("call", (key, family, mesh, chunks, args, kwargs), **kw)
 
     def stats(self, reset: bool = False) -> list[dict]:
         replies = self.request("stats", reset, all_reply=True)

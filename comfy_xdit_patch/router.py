@@ -300,7 +300,8 @@ class Router:
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses
             chunks = self.tuner.choose(shape, local_heads) if mesh.ulysses > 1 and mesh.ring == 1 else 1
             t0 = time.perf_counter()
-            out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call, args[0].device)
+            out = self.group.call(run.spec.key, run.plan.family, mesh, chunks, call.args, call.kwargs,
+                                  keep=call.static, device=args[0].device)
             seconds = time.perf_counter() - t0
         except Exception as e:
             self._failed(e, "a routed model call", run)

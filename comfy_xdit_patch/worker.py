@@ -82,7 +82,8 @@ class Worker:
 
         def lap(step):
             nonlocal mark
-            self.start_seconds[step], mark = round(time.time() - mark, 3), time.time()
+            now = time.time()
+            self.start_seconds[step], mark = round(now - mark, 3), now
 
         from .lifecycle import diag_pause
 
