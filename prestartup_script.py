@@ -7,8 +7,8 @@ _root = os.path.dirname(os.path.abspath(__file__))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 try:
-    from comfy_xdit_patch import early
+    from comfy_xdit_patch.driver import prestart
 
-    early.start()
+    prestart.start()
 except Exception as e:  # the hooks attach as usual, and say what is wrong
     print(f"comfy_xdit_patch: no early start ({type(e).__name__}: {e})", file=sys.stderr)

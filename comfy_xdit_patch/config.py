@@ -60,6 +60,7 @@ class Config:
     model_cache: int
     cache_dir: str
     prestart: bool
+    remember_last: bool  # the last run's model and first call are kept for the next process
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
@@ -172,6 +173,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
            "Compiled code (a folder per torch / ComfyUI / plugin / GPU version) and the last model, kept "
            "between ComfyUI processes.", _text),
+    EnvVar("COMFY_XDIT_REMEMBER", "1",
+           "`1`: the last FLUX run's model and first call (the prompt's embeddings) are kept, readable by you "
+           "alone, and run ahead at the next start; `0`: nothing is kept.",
+           _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
@@ -293,6 +298,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         model_cache=val.get("COMFY_XDIT_MODEL_CACHE", 1),
         cache_dir=val.get("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch"),
         prestart=val.get("COMFY_XDIT_PRESTART", True),
+        remember_last=val.get("COMFY_XDIT_REMEMBER", True),
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
         gpus=gpus,
     )

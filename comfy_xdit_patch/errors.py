@@ -52,6 +52,10 @@ class Cancelled(RoutingError):
     transient = True
 
 
+class LayoutError(ValueError):
+    """This input cannot be split over this many ranks (it runs on one GPU instead)."""
+
+
 class Unroutable(RoutingError):
     """This input can't be routed (it runs locally); nothing is wrong with the group."""
 

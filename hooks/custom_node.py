@@ -20,7 +20,7 @@ def on_load():
         import comfy.model_management  # noqa: F401
     except ImportError:  # not inside ComfyUI (a tool importing this folder): nothing to attach to
         return None
-    from comfy_xdit_patch import status
+    from comfy_xdit_patch.driver import status
 
     _serve_status(status)  # also when off: the panel then says why
     return _attach(status)
@@ -59,7 +59,7 @@ def _attach(status):
     except ImportError as e:
         log.error("comfy_xdit_patch: off, a dependency is missing (%s); run: python install.py", e)
         return status.plugin_off(f"a dependency is missing ({e}); run: python install.py", config)
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     router = patch.install(config)
     status.attach(router)

@@ -57,7 +57,7 @@ def config():
 @pytest.fixture(scope="session")
 def router(config):
     """The plugin, attached for the session; tests detach it with `unrouted()` for references."""
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     r = patch.install(config)
     yield r
@@ -67,7 +67,7 @@ def router(config):
 @pytest.fixture
 def unrouted(router):
     """Context manager: ComfyUI exactly as shipped (original functions), same worker group kept."""
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     @contextlib.contextmanager
     def detached():

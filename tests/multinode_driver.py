@@ -29,8 +29,8 @@ import comfy.sd  # noqa: E402
 
 import tiny  # noqa: E402
 from comfy_xdit_patch import config as config_mod  # noqa: E402
-from comfy_xdit_patch import patch  # noqa: E402
-from comfy_xdit_patch.plans import layout  # noqa: E402
+from comfy_xdit_patch.driver import patch  # noqa: E402
+from comfy_xdit_patch.wire import mesh as layout  # noqa: E402
 
 
 class Lines(logging.Handler):
@@ -132,7 +132,7 @@ def time_calls(router, model, n: int) -> dict:
     group = router.group
     t0 = time.perf_counter()
     for _ in range(50):
-        group.request("stats", False, all_reply=True)
+        group.stats()
     out["round trip ms"] = round(1e3 * (time.perf_counter() - t0) / 50, 2)
     out.update(ips=group.ips, shared=group.channel.shared, crossed=dict(group.channel.crossed),
                layouts={k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")})

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from comfy_xdit_patch.channel import SPIN_LEAD, SPIN_MAX, DriverChannel, WorkerChannel
+from comfy_xdit_patch.wire.channel import SPIN_LEAD, SPIN_MAX, DriverChannel, WorkerChannel
 
 WORLD = 2
 # with XDIT_TEST_DEVICE=cuda the tensors live on the GPU on both sides (page-locked shared memory)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from comfy_xdit_patch import compile_cache
+from comfy_xdit_patch.rank import compile_cache
 from conftest import REPO
 
 # A child process that compiles one small function with the plugin's cache, as a rank does.
@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
     logging.basicConfig(level=logging.WARNING)
     import torch
     from torch._dynamo.utils import counters
-    from comfy_xdit_patch import compile_cache
+    from comfy_xdit_patch.rank import compile_cache
     folder = compile_cache.use(sys.argv[1], "cpu")
     f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, dynamic=False)
     x = torch.linspace(-2, 2, 64)
@@ -69,10 +69,10 @@ def test_the_key_changes_with_torch_comfyui_plugin_and_gpu(tmp_path, monkeypatch
     seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H200")))
     monkeypatch.undo()
     code = tmp_path / "runtime"
-    shutil.copytree(os.path.dirname(compile_cache.__file__), code)
+    shutil.copytree(compile_cache._RUNTIME, code)  # the whole package
     monkeypatch.setattr(compile_cache, "_RUNTIME", str(code))
     same_code = compile_cache.folder(root, compile_cache.components("NVIDIA H200"))
-    with open(code / "router.py", "a") as f:
+    with open(code / "driver" / "router.py", "a") as f:
         f.write("\n# changed\n")
     seen.add(compile_cache.folder(root, compile_cache.components("NVIDIA H200")))
     monkeypatch.undo()
@@ -109,7 +109,7 @@ def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, capl
         f.write("from before")
     with open(os.path.join(folder, "stamp.json"), "w") as f:
         f.write("{not json")
-    with caplog.at_level(logging.WARNING, logger="comfy_xdit_patch.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="comfy_xdit_patch.rank.compile_cache"):
         assert compile_cache.use(str(tmp_path), "cpu") == folder
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(folder, "inductor")
     lines = [r for r in caplog.records if "can't be read" in r.getMessage()]
@@ -123,7 +123,7 @@ def test_an_unreadable_stamp_empties_the_folder_with_one_log_line(tmp_path, capl
 SEALER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {repo!r})
-    from comfy_xdit_patch import compile_cache
+    from comfy_xdit_patch.rank import compile_cache
     folder = compile_cache.use(sys.argv[1], "cpu")
     os.makedirs(os.path.join(folder, "inductor"), exist_ok=True)
     for i in range(200):

@@ -84,7 +84,7 @@ def test_interrupt_is_never_swallowed(router, unrouted, load_flux, tiny_flux):
 def test_error_that_will_repeat_unpatches(config, router, unrouted, tiny_flux, tmp_path, load_flux):
     """The workers can't load the model (its file is now corrupt): ComfyUI's result, then unpatched.
     (A file that is gone is refused per model instead: test_multinode.py.)"""
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     path = shutil.copy(tiny_flux, tmp_path / "soon_gone.safetensors")
     model = load_flux(str(path))
@@ -111,8 +111,8 @@ def test_close_while_starting_cancels_the_start(config):
     group alive: the start is cancelled, its ranks are killed, and close_group returns within seconds."""
     import time
 
-    from comfy_xdit_patch import lifecycle
-    from comfy_xdit_patch.router import Router
+    from comfy_xdit_patch.group import lifecycle
+    from comfy_xdit_patch.driver.router import Router
 
     fresh = Router(config)
     thread = fresh.prestart()

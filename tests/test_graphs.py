@@ -3,7 +3,7 @@ the blocks compiled (COMFY_XDIT_COMPILE). GPU only (one GPU, no ranks)."""
 import pytest
 import torch
 
-from comfy_xdit_patch import compiled, graphs
+from comfy_xdit_patch.rank import compiled, graphs
 from comfy_xdit_patch.tools import synthetic
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 import tiny
-from comfy_xdit_patch import loaders, locate, spec
+from comfy_xdit_patch import locate
+from comfy_xdit_patch.driver import models as spec
+from comfy_xdit_patch.errors import Unroutable
+from comfy_xdit_patch.rank import models as rank_models
+from comfy_xdit_patch.wire import spec as wire_spec
 from comfy_xdit_patch.tools import synthetic
 from conftest import ksample
 
@@ -95,7 +99,7 @@ def test_loader():
 
 def test_custom_loader_node_is_replayed(compare, models, tiny_flux, test_loader):
     (model,) = execute(test_loader, unet_name=os.path.basename(tiny_flux))
-    assert model.cached_patcher_init is None and loaders.KEY in model.attachments
+    assert model.cached_patcher_init is None and wire_spec.KEY in model.attachments
     with_ops, _, _ = compare(lambda: run(model))
     (plain,) = execute(nodes.UNETLoader, unet_name=os.path.basename(tiny_flux), weight_dtype="default")
     assert (with_ops - run(plain)).abs().max() > 1e-3  # the ranks used the node's own ops
@@ -112,12 +116,12 @@ def test_changed_file_is_another_model(models, test_loader):
     os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
     (new,) = execute(test_loader, unet_name=name)
     assert spec.spec_for(old).base_key != spec.spec_for(new).base_key
-    with pytest.raises(loaders.Unroutable, match="another file"):
-        loaders.check_files(spec.spec_for(old).files)
+    with pytest.raises(Unroutable, match="another file"):
+        rank_models.check_files(spec.spec_for(old).files)
     (core,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")  # a recipe: stamped alike
     os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
-    with pytest.raises(loaders.Unroutable, match="another file"):
-        loaders.check_files(spec.spec_for(core).files)
+    with pytest.raises(Unroutable, match="another file"):
+        rank_models.check_files(spec.spec_for(core).files)
 
 
 def test_unpatched_weights_are_one_state_across_loads(models, tiny_flux):
@@ -129,7 +133,7 @@ def test_unpatched_weights_are_one_state_across_loads(models, tiny_flux):
     (again,) = execute(nodes.UNETLoader, unet_name=name, weight_dtype="default")
     assert first.patches_uuid != again.patches_uuid  # ComfyUI's own view: two patchers
     a, b = spec.spec_for(first), spec.spec_for(again)
-    assert a.key == b.key and a.patches_uuid == b.patches_uuid == spec.base_only(a).patches_uuid
+    assert a.key == b.key and a.patches_uuid == b.patches_uuid == wire_spec.base_only(a).patches_uuid
     lora = saved(models, "tiny_flux_lora.safetensors", synthetic.lora(models[1], rank=4, seed=1, scale=0.1))
     (patched,) = execute(nodes.LoraLoaderModelOnly, model=first, lora_name=lora, strength_model=1.0)
     assert spec.spec_for(patched).patches_uuid not in (a.patches_uuid, first.patches_uuid)

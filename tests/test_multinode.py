@@ -21,8 +21,8 @@ import time
 import pytest
 
 import tiny
-from comfy_xdit_patch import nodes
-from comfy_xdit_patch.plans import layout
+from comfy_xdit_patch.group import ray_nodes as nodes
+from comfy_xdit_patch.wire import mesh as layout
 from comfy_xdit_patch.tools.headless import free_port
 from conftest import REPO, TOL, sample
 
@@ -61,7 +61,8 @@ def test_mesh_keeps_sequence_groups_on_one_node():
 
 
 def test_missing_model_file_names_node_and_path(tmp_path):
-    from comfy_xdit_patch.spec import ModelSpec, missing_files
+    from comfy_xdit_patch.rank.models import missing_files
+    from comfy_xdit_patch.wire.spec import ModelSpec
 
     here, gone = tmp_path / "here.safetensors", str(tmp_path / "gone.safetensors")
     here.write_bytes(b"x")

@@ -5,7 +5,8 @@ import comfy.model_management
 import comfy.samplers
 import pytest
 
-from comfy_xdit_patch import patch, plans
+from comfy_xdit_patch import plans
+from comfy_xdit_patch.driver import calls, patch
 from conftest import assert_originals
 
 
@@ -92,7 +93,7 @@ def test_only_options_the_model_reads_cross_so_each_run_has_the_same_call_signat
     for run in range(2):
         options = {"uuids": [uuid.uuid4()], "sigmas": torch.full((1,), 0.5 + run), "cond_or_uncond": [0],
                    "sample_sigmas": torch.linspace(1, 0, 5 + run), "rope_options": {"scale_x": 1.0}}
-        checked = plans.check(plan, model, (x,), dict(kwargs, transformer_options=options))
+        checked = calls.check(plan, model, (x,), dict(kwargs, transformer_options=options))
         assert checked.reason is None
         sent.append(checked.kwargs["transformer_options"])
     assert sent[0] == sent[1] == {"rope_options": {"scale_x": 1.0}}
@@ -110,7 +111,7 @@ import sys, time
 import psutil
 from comfy_xdit_patch import config, locate
 locate.import_comfy(cpu=True)
-from comfy_xdit_patch import router
+from comfy_xdit_patch.driver import router
 r = router.Router(config.load({"COMFY_XDIT": "1"}, gpus=0))
 r.prestart().join()  # the thread that started Ray has ended
 time.sleep(2)
@@ -137,7 +138,7 @@ def test_prestarted_group_outlives_the_thread_that_started_it():
 def test_ranks_start_with_torchs_own_cuda_allocator(monkeypatch):
     """ComfyUI's main.py asks for cudaMallocAsync; the ranks' environment drops that backend (CUDA graph
     capture of the compiled blocks aborted under it) and keeps every other allocator option."""
-    from comfy_xdit_patch.cluster import rank_env
+    from comfy_xdit_patch.group.cluster import rank_env
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,backend:cudaMallocAsync")
     assert rank_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ranks
-from comfy_xdit_patch.plans import layout
+from comfy_xdit_patch.rank import layout
+from comfy_xdit_patch.wire.mesh import LayoutError, Mesh, choose_mesh
 
 
 def test_split_covers_every_token_once_with_filler_only_at_the_end():
@@ -17,27 +18,27 @@ def test_split_covers_every_token_once_with_filler_only_at_the_end():
         assert all(s.txt[1] > s.txt[0] and s.img_len > 0 for s in shards)
         assert all(s.txt[1] - s.txt[0] + s.img_len + s.pad == s.tokens for s in shards)
         assert all(s.pad == 0 for s in shards[:-1]) and sum(s.pad for s in shards) == world * shards[0].tokens - txt - img
-    with pytest.raises(layout.LayoutError):
+    with pytest.raises(LayoutError):
         layout.split(1, 100, 2)
 
 
 def test_auto_layout():
-    assert layout.choose_mesh(2, 2, 24, None, False) == layout.Mesh(2, 1, 1)  # cfg 3.5 on 2 ranks -> cfg 2
-    assert layout.choose_mesh(4, 2, 24, None, False) == layout.Mesh(2, 2, 1)  # 4 ranks -> cfg 2 x ulysses 2
-    assert layout.choose_mesh(2, 1, 24, None, False) == layout.Mesh(1, 2, 1)  # cfg 1: sequence parallel
-    assert layout.choose_mesh(8, 1, 24, None, True) == layout.Mesh(1, 8, 1)
-    assert layout.choose_mesh(8, 1, 12, None, True) == layout.Mesh(1, 4, 2)  # heads don't divide by 8
-    assert layout.choose_mesh(8, 1, 12, None, False, gather=True) == layout.Mesh(1, 8, 1)  # K/V gather: any heads
-    assert layout.choose_mesh(3, 1, 4, layout.Mesh(1, 3, 1), False, gather=True) == layout.Mesh(1, 3, 1)
-    with pytest.raises(layout.LayoutError):
-        layout.choose_mesh(4, 1, 24, layout.Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
+    assert choose_mesh(2, 2, 24, None, False) == Mesh(2, 1, 1)  # cfg 3.5 on 2 ranks -> cfg 2
+    assert choose_mesh(4, 2, 24, None, False) == Mesh(2, 2, 1)  # 4 ranks -> cfg 2 x ulysses 2
+    assert choose_mesh(2, 1, 24, None, False) == Mesh(1, 2, 1)  # cfg 1: sequence parallel
+    assert choose_mesh(8, 1, 24, None, True) == Mesh(1, 8, 1)
+    assert choose_mesh(8, 1, 12, None, True) == Mesh(1, 4, 2)  # heads don't divide by 8
+    assert choose_mesh(8, 1, 12, None, False, gather=True) == Mesh(1, 8, 1)  # K/V gather: any heads
+    assert choose_mesh(3, 1, 4, Mesh(1, 3, 1), False, gather=True) == Mesh(1, 3, 1)
+    with pytest.raises(LayoutError):
+        choose_mesh(4, 1, 24, Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
 
 
 def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype, tol, exchange="collective"):
     import comfy.ldm.modules.attention as attn
 
-    from comfy_xdit_patch import attention
-    from comfy_xdit_patch.worker import build_groups
+    from comfy_xdit_patch.rank import attention
+    from comfy_xdit_patch.rank.worker import build_groups
 
     device = ranks.DEVICE
     heads, d = 4, 64
@@ -70,7 +71,7 @@ def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype,
     assert diff < tol, f"rank {rank}: {diff}"
 
 
-U2 = layout.Mesh(1, 2, 1)
+U2 = Mesh(1, 2, 1)
 
 
 @pytest.mark.parametrize("backend,world,mesh,chunks,txt,img,kernel", [
@@ -78,7 +79,7 @@ U2 = layout.Mesh(1, 2, 1)
     ("torch", 2, U2, 1, 7, 30, "auto"),
     ("yunchang", 2, U2, 1, 8, 16, "torch_math"),  # yunchang's Ulysses (ring 1), torch math kernel
     ("gather", 2, U2, 1, 8, 16, "auto"), ("gather", 2, U2, 2, 8, 15, "auto"),
-    ("gather", 3, layout.Mesh(1, 3, 1), 2, 7, 30, "auto"),  # 4 heads over 3 ranks: no heads % ranks needed
+    ("gather", 3, Mesh(1, 3, 1), 2, 7, 30, "auto"),  # 4 heads over 3 ranks: no heads % ranks needed
 ])
 def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img, kernel):
     ranks.run(_attention_case, world, backend, mesh, chunks, txt, img, kernel, torch.float32, 1e-5)
@@ -86,7 +87,7 @@ def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img
 
 def test_loopback_exchange_hands_each_rank_its_own_pieces():
     """COMFY_XDIT_DIAG_LOOPBACK=1 (timing only): the shapes of a real exchange, nothing crossing."""
-    from comfy_xdit_patch.attention import exchange
+    from comfy_xdit_patch.rank.attention import exchange
 
     ex = exchange.make(None, torch.device("cpu"), "loopback")
     sends = [torch.arange(24.0).reshape(2, 3, 4), torch.ones(2, 5)]
@@ -103,7 +104,7 @@ def test_loopback_exchange_hands_each_rank_its_own_pieces():
     (3, 512, 4096, torch.bfloat16, 2e-2),
 ])
 def test_attention_over_peer_copies_is_exact_on_cuda(backend, chunks, txt, img, dtype, tol):
-    mesh = layout.Mesh(1, 2, 1)
+    mesh = Mesh(1, 2, 1)
     ranks.run(_attention_case, 2, backend, mesh, chunks, txt, img, "auto", dtype, tol, "peer-copy")
 
 
@@ -117,7 +118,7 @@ _REPLAYS_DIFFER = pytest.mark.xfail(reason="4x H100, 2026-11-26: graph replay di
 def test_ring_attention_is_exact_on_cuda(kernel):
     """yunchang's ring merges blocks by log-sum-exp: only kernels with a true LSE may be used."""
     world = 4 if ranks.gpus() >= 4 else 2
-    mesh = layout.Mesh(1, 2, 2) if world == 4 else layout.Mesh(1, 1, 2)
+    mesh = Mesh(1, 2, 2) if world == 4 else Mesh(1, 1, 2)
     ranks.run(_attention_case, world, "yunchang", mesh, 1, 512, 4096, kernel, torch.bfloat16, 2e-2)
 
 
@@ -125,8 +126,9 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
                compile_blocks=False):
     import comfy.sd
 
-    from comfy_xdit_patch import attention, compiled, plans
-    from comfy_xdit_patch.worker import build_groups
+    from comfy_xdit_patch import plans
+    from comfy_xdit_patch.rank import attention, compiled, sharding
+    from comfy_xdit_patch.rank.worker import build_groups
 
     device = ranks.DEVICE
     # NOTE: fp32 weights as the inputs: on a GPU ComfyUI would pick bf16 for FLUX
@@ -154,9 +156,9 @@ def _plan_case(rank, world, path, mesh, batch, refs, control, exchange="collecti
         if compile_blocks:  # COMFY_XDIT_COMPILE, as the worker does it
             assert compiled.compile_blocks(model, plan.blocks) == 4
             make = compiled.routed(make)
-        out = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups, make)
+        out = sharding.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups, make)
         if exchange != "collective":  # the exchange only moves bytes: NCCL's result, to the bit
-            again = plans.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
+            again = sharding.shard(plan, model, (x,), dict(kwargs, transformer_options={}), mesh, rank, groups,
                                 attention.factory(backend, mesh, groups))
             assert torch.equal(out, again), f"rank {rank}: {exchange} differs from the collective exchange"
     if compile_blocks:  # the blocks really ran compiled: a double and a single block graph, no breaks
@@ -177,11 +179,11 @@ def flux4(tmp_path_factory):
 
 
 @pytest.mark.parametrize("world,mesh,batch,refs,control,backend", [
-    (2, layout.Mesh(1, 2, 1), 1, True, True, "torch"),   # Kontext reference tokens + ControlNet residuals
-    (2, layout.Mesh(1, 2, 1), 1, True, True, "gather"),
-    pytest.param(4, layout.Mesh(1, 4, 1), 1, False, False, "torch", marks=pytest.mark.slow),  # ~30 s: 4 processes
-    pytest.param(4, layout.Mesh(2, 2, 1), 2, True, True, "torch", marks=pytest.mark.slow),  # cfg 2 x ulysses 2
-    (2, layout.Mesh(2, 1, 1), 3, False, False, "torch"),  # batch of 3 shared unevenly by 2 groups
+    (2, Mesh(1, 2, 1), 1, True, True, "torch"),   # Kontext reference tokens + ControlNet residuals
+    (2, Mesh(1, 2, 1), 1, True, True, "gather"),
+    pytest.param(4, Mesh(1, 4, 1), 1, False, False, "torch", marks=pytest.mark.slow),  # ~30 s: 4 processes
+    pytest.param(4, Mesh(2, 2, 1), 2, True, True, "torch", marks=pytest.mark.slow),  # cfg 2 x ulysses 2
+    (2, Mesh(2, 1, 1), 3, False, False, "torch"),  # batch of 3 shared unevenly by 2 groups
 ])
 def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control, backend):
     if ranks.DEVICE == "cuda" and ranks.gpus() < world:
@@ -191,10 +193,10 @@ def test_flux_plan_matches_whole_model(flux4, world, mesh, batch, refs, control,
 
 def test_compiled_blocks_match_whole_model(flux4):
     """COMFY_XDIT_COMPILE: blocks compiled, the exchange an opaque op inside them (Kontext refs + ControlNet)."""
-    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "collective", "torch", True)
+    ranks.run(_plan_case, 2, flux4, Mesh(1, 2, 1), 1, True, True, "collective", "torch", True)
 
 
 @pytest.mark.skipif(ranks.gpus() < 2, reason="GPU peer copies need 2 GPUs (XDIT_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("backend", ["torch", "gather"])
 def test_flux_plan_over_peer_copies_matches_whole_model(flux4, backend):
-    ranks.run(_plan_case, 2, flux4, layout.Mesh(1, 2, 1), 1, True, True, "peer-copy", backend)
+    ranks.run(_plan_case, 2, flux4, Mesh(1, 2, 1), 1, True, True, "peer-copy", backend)

@@ -224,8 +224,8 @@ def test_plugin_off_says_why(base_dir):
 
 def test_broken_says_why_in_process(config):
     """The router's own transitions, no server: what a failure that unpatches leaves in the document."""
-    from comfy_xdit_patch import status
-    from comfy_xdit_patch.router import Router
+    from comfy_xdit_patch.driver import status
+    from comfy_xdit_patch.driver.router import Router
 
     router = Router(config)
     status.reset()

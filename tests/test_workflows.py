@@ -119,7 +119,7 @@ def test_four_ranks_cfg_times_ulysses(config, router, flux_file, load_flux):
     """4 ranks at CFG 3.5: cond and uncond on two pairs of ranks, each pair sequence-parallel."""
     import dataclasses
 
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     model = load_flux(flux_file(heads=4, seed=5))
     with_plugin = lambda: run(model, cfg=3.5)  # noqa: E731
@@ -140,7 +140,7 @@ def test_impossible_forced_layout_is_refused_before_sampling(router, flux, monke
     import dataclasses
 
     from comfy_xdit_patch.config import Mesh
-    from comfy_xdit_patch.plans.layout import LayoutError
+    from comfy_xdit_patch.errors import LayoutError
 
     steps = []
     cb = lambda *a: steps.append(a)  # noqa: E731
@@ -200,7 +200,7 @@ def test_compiled_blocks_on_the_ranks_with_and_without_lora(router, flux, loras)
     blocks match ComfyUI alone, also after a LoRA patches the weights under them."""
     import dataclasses
 
-    from comfy_xdit_patch import patch
+    from comfy_xdit_patch.driver import patch
 
     (lora,) = node(nodes.LoraLoaderModelOnly, model=flux, lora_name=loras[0], strength_model=1.0)
     blocks = len(flux.model.diffusion_model.double_blocks) + len(flux.model.diffusion_model.single_blocks)

@@ -4,7 +4,7 @@ Both enter their token sequence in `forward_orig(img, img_ids, txt, txt_ids, ...
 it is per-token (patchify, img_in, txt_in, RoPE ids), so splitting its inputs is exact, and its output
 is the image tokens (reference tokens included), gathered back in order.
 """
-from . import Plan
+from .plan import Plan
 
 _COMMON = dict(
     entry="forward_orig",

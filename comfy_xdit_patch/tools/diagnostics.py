@@ -13,6 +13,15 @@ import collections
 import functools
 import os
 import time
+from typing import NamedTuple
+
+from ..wire.messages import Attach
+
+
+class Op(NamedTuple):
+    """A diagnostics request: the attached RankDiagnostics' handler `op` gets `body`."""
+    op: str
+    body: object
 
 
 class RankDiagnostics:
@@ -28,7 +37,8 @@ class RankDiagnostics:
         self.marks = None  # two CUDA events, made once
 
     def handlers(self) -> dict:
-        return {"call": self.call, "probe": self.probe, "profile": self.profile, "pyprofile": self.pyprofile}
+        return {"call": self.call, "probe": lambda m: self.probe(m.body), "profile": lambda m: self.profile(m.body),
+                "pyprofile": lambda m: self.pyprofile(m.body)}
 
     def call(self, body):
         w, torch = self.w, self.w.torch
@@ -79,7 +89,7 @@ class RankDiagnostics:
 
     def probe(self, body) -> float:
         """Seconds per step of the sequence-parallel exchanges alone (attention replaced by nothing)."""
-        from ..plans.layout import Shard
+        from ..rank.layout import Shard
 
         w, torch = self.w, self.w.torch
         mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype = body
@@ -158,7 +168,7 @@ class DriverDiagnostics:
         if group is None or group is self.group:
             return
         self.group = group
-        group.request("attach", RankDiagnostics, all_reply=True)
+        group.request(Attach(RankDiagnostics), all_reply=True)
         inner = group.call
 
         @functools.wraps(inner)
@@ -182,16 +192,16 @@ class DriverDiagnostics:
         exchange costs): FLUX.1-dev's 512 text tokens, 24 heads of 128 and 57 blocks (tiny: 8, 2, 4)."""
         import torch
 
-        from .. import plans
+        from ..errors import LayoutError
+        from ..wire.mesh import choose_mesh
 
         group, router = self.ready(), self.router
         tokens = (8 if tiny else 512) + (size // 16) ** 2
         batch, heads = 2 if cfg != 1 else 1, 2 if tiny else 24
         try:
-            mesh = plans.layout.choose_mesh(group.world, batch, heads, router.config.parallel,
-                                            "yunchang" in group.attention, group.attention == "gather",
-                                            group.node_of)
-        except plans.LayoutError:  # this layout doesn't take this input (it ran locally)
+            mesh = choose_mesh(group.world, batch, heads, router.config.parallel,
+                                "yunchang" in group.attention, group.attention == "gather", group.node_of)
+        except LayoutError:  # this layout doesn't take this input (it ran locally)
             return float("nan")
         if mesh.sp == 1:
             return 0.0
@@ -201,14 +211,14 @@ class DriverDiagnostics:
 
     def probe(self, mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype) -> float:
         """Seconds per step of the all-to-all exchanges alone, slowest rank."""
-        replies = self.ready().request("probe", (mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype),
+        replies = self.ready().request(Op("probe", (mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype)),
                                        all_reply=True)
         return max(replies.values())
 
     def profile(self, directory: str) -> None:
-        self.ready().request("profile", directory, all_reply=True)
+        self.ready().request(Op("profile", directory), all_reply=True)
 
     def pyprofile(self, on: bool) -> list[str]:
         group = self.ready()
-        replies = group.request("pyprofile", on, all_reply=True)
+        replies = group.request(Op("pyprofile", on), all_reply=True)
         return [replies[r] for r in range(group.world)]

@@ -193,7 +193,7 @@ def check_config(r: Report, gpus: int):
 
 def check_ray(r: Report, config) -> None:
     """A private cluster as the plugin starts one (loopback), one task on it, timed; then shut down."""
-    from .. import cluster
+    from ..group import cluster
 
     try:
         t0 = time.perf_counter()
@@ -213,8 +213,9 @@ def check_ray(r: Report, config) -> None:
 
 
 def check_layouts(r: Report, config) -> None:
-    from .. import attention
-    from ..plans import layout
+    from ..errors import LayoutError
+    from ..rank import attention
+    from ..wire import mesh as layout
 
     backend = attention.resolve(config.attention, "cuda" if config.use_gpu else "cpu")
     for cfg_scale, batch in ((1.0, 1), (3.5, 2)):  # cfg > 1: cond and uncond in one batch
@@ -223,7 +224,7 @@ def check_layouts(r: Report, config) -> None:
                                       backend == "gather")
             r.ok(f"layout FLUX 1024x1024 cfg {cfg_scale}",
                  f"{mesh} on {config.workers} ranks ({FLUX_1024_TOKENS // mesh.sp} tokens a rank, {backend})")
-        except layout.LayoutError as e:
+        except LayoutError as e:
             r.problem(f"layout FLUX 1024x1024 cfg {cfg_scale}", str(e),
                       "use a rank count whose layout divides FLUX's 24 heads (2, 3, 4, 6, 8), install yunchang "
                       "for Ring, or COMFY_XDIT_ATTENTION=gather")

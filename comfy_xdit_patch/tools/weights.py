@@ -4,6 +4,7 @@ through city96's ComfyUI-GGUF (UnetLoaderGGUF, run as ComfyUI's executor runs it
 the node and the ranks replay it)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ def gguf(path: str, qtype: str, workdir: str, device: str):
     import folder_paths
     import nodes
 
-    from .. import loaders
+    from ..driver import models
     from . import synthetic
 
     package = locate.find_comfyui_gguf()
@@ -46,7 +47,7 @@ def gguf(path: str, qtype: str, workdir: str, device: str):
         os.replace(target + ".part", target)
         log.info("wrote %s in %.0f s", target, time.perf_counter() - t0)
     folder_paths.add_model_folder_path("diffusion_models", workdir)
-    if not loaders.complete(nodes.load_custom_node(package)):
+    if not asyncio.run(nodes.load_custom_node(package)):
         raise SystemExit(f"ComfyUI could not load {package}")
-    (patcher,) = loaders.run_node(nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"], unet_name=name)
+    (patcher,) = models.run_node(nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"], unet_name=name)
     return patcher

@@ -7,19 +7,33 @@ call. Every wait is bounded. A dead rank shows as a closed connection or a finis
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import threading
 import time
 
-from . import channel as channel_mod
-from . import errors, lifecycle, nodes
+from .. import errors
+from ..config import Config
+from ..errors import (Cancelled, ClusterShort, GroupBroken, ModelFileMissing, RayLost, RoutingError, StartTimeout,
+                      WorkerDied)
+from ..timing import Laps
+from ..wire import channel as channel_mod
+from ..wire.messages import Call, FilesAbsent, NeedPatches, Prepare, Stats
+from . import lifecycle, ray_nodes
 from .cluster import comfy_root, init_ray, rank_env, started_here
-from .config import Config
-from .errors import (Cancelled, ClusterShort, GroupBroken, ModelFileMissing, RayLost, RoutingError, StartTimeout,
-                     WorkerDied)
 
 log = logging.getLogger(__name__)
+
+# NOTE: the rank's class is named, not imported: this side never imports the ranks' code (torch, ComfyUI's
+# model code); Ray pickles the class by reference and each rank's process imports it.
+WORKER = "comfy_xdit_patch.rank.worker:Worker"
+
+
+def _named(ref: str):
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 class WorkerGroup:
     def __init__(self, config: Config):
@@ -54,8 +68,9 @@ class WorkerGroup:
         self._kill_actors()
 
     def _start(self) -> "WorkerGroup":
-        t0 = time.perf_counter()
-        deadline = t0 + self.config.start_timeout
+        lap = Laps()
+        self.start_phases = lap.seconds  # seconds each start-up step took (status, first-image)
+        deadline = lap.began + self.config.start_timeout
 
         def left() -> float:
             if self.cancelled.is_set():
@@ -77,13 +92,6 @@ class WorkerGroup:
             out = ray.get([refs] if single else refs)
             return out[0] if single else out
 
-        mark = [t0]
-
-        def lap(phase: str) -> None:
-            now = time.perf_counter()
-            self.start_phases[phase] = round(now - mark[0], 3)
-            mark[0] = now
-
         init_ray(self.config)
         lap("ray")
         left()
@@ -91,7 +99,7 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .worker import Worker
+        Worker = _named(WORKER)
 
         bundle = {"CPU": 1, "GPU": 1} if self.config.use_gpu else {"CPU": 1}
         self._check_room(bundle)
@@ -107,7 +115,7 @@ class WorkerGroup:
         # the CFG split across nodes (layout.choose_mesh) no all-to-all crosses the network.
         placed = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
         bundle_nodes = [placed[b] for b in range(self.world)]
-        order = nodes.rank_order(bundle_nodes, ray.get_runtime_context().get_node_id())
+        order = ray_nodes.rank_order(bundle_nodes, ray.get_runtime_context().get_node_id())
         lap("placement")
         self.node_of = tuple(bundle_nodes[b] for b in order)
         actor = ray.remote(Worker)
@@ -138,8 +146,8 @@ class WorkerGroup:
                         for a in self.actors]
         self.channel.accept(left(), lambda: (self.check_alive(), left()))
         lap("channel")
-        self.ready_at = time.perf_counter()
-        self.start_seconds = self.ready_at - t0
+        self.ready_at = lap.mark
+        self.start_seconds = lap.mark - lap.began
         log.info("worker group ready: %d ranks on %s, %s attention, %.1fs", self.world,
                  "GPU" if self.config.use_gpu else "CPU", self.attention, self.start_seconds)
         if len(set(self.node_of)) > 1:
@@ -153,7 +161,7 @@ class WorkerGroup:
             return
         import ray
 
-        have = nodes.room(ray.nodes(), bundle)
+        have = ray_nodes.room(ray.nodes(), bundle)
         if have < self.world:
             raise ClusterShort(f"the Ray cluster has room for {have} of {self.world} ranks now (each FLUX run "
                                f"checks again)")
@@ -220,8 +228,9 @@ class WorkerGroup:
         # ComfyUI's interrupt is a BaseException: it propagates past every fallback.
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def request(self, op: str, body=None, all_reply=False, timeout=None, interruptible=True, **kw):
-        return self.channel.request(op, body, all_reply=all_reply, timeout=timeout or self.config.timeout,
+    def request(self, message, all_reply=False, timeout=None, interruptible=True, **kw):
+        """Send `message` (wire/messages.py, or a diagnostics object's own with an `op`) to every rank."""
+        return self.channel.request(message.op, message, all_reply=all_reply, timeout=timeout or self.config.timeout,
                                     alive=self.check_alive,
                                     interrupted=self._interrupted if interruptible else lambda: None, **kw)
 
@@ -231,20 +240,20 @@ class WorkerGroup:
 
         light = dataclasses.replace(spec, patches=None) if spec.patches else spec
         kw = {"all_reply": True, "timeout": self.config.load_timeout, "interruptible": interruptible}
-        replies = self.request("prepare", light, **kw)
-        if "missing" in replies.values():
-            replies = self.request("prepare", spec, **kw)
-        absent = {r: v for r, v in replies.items() if isinstance(v, tuple)}
+        replies = self.request(Prepare(light), **kw)
+        if any(isinstance(v, NeedPatches) for v in replies.values()):
+            replies = self.request(Prepare(spec), **kw)
+        absent = {r: v for r, v in replies.items() if isinstance(v, FilesAbsent)}
         if absent:
-            raise ModelFileMissing(nodes.absent_message(absent))
+            raise ModelFileMissing(ray_nodes.absent_message(absent))
 
     def call(self, key: str, family: str, mesh, chunks: int, args: tuple, kwargs: dict, **kw):
         """One model call on every rank (kw: request's keep, device, timeout, interruptible)."""
         self.check_ray()  # each call, not only a wait over 50 ms (check_alive): fast steps never wait that long
-        return self.request("call", (key, family, mesh, chunks, args, kwargs), **kw)
+        return self.request(Call(key, family, mesh, chunks, args, kwargs), **kw)
 
     def stats(self, reset: bool = False) -> list[dict]:
-        replies = self.request("stats", reset, all_reply=True)
+        replies = self.request(Stats(reset), all_reply=True)
         return [replies[r] for r in range(self.world)]
 
     def _kill_actors(self) -> None:

@@ -1,4 +1,5 @@
-"""Models that no recipe describes: the ranks replay the loader node that made them.
+"""ComfyUI's side of a model: what the ranks need to build the same one (`spec_for`), and for models that
+no recipe describes, which loader node made them.
 
 ComfyUI's core loaders record how they loaded a model (`ModelPatcher.cached_patcher_init`); custom
 loaders (ComfyUI-GGUF's UnetLoaderGGUF, a user's own node) don't. For those, `record` wraps ComfyUI's
@@ -6,41 +7,22 @@ execution of every node (`execution.get_output_data`): when a node returns a MOD
 a recipe nor a record, that node made it, and a `NodeCall` (the node's class, where its custom-node
 package lives, its inputs as the executor passed them, ComfyUI's model folders and the files the
 inputs name) goes on the patcher as an attachment, which ComfyUI copies to every clone (LoRA,
-model-sampling nodes...). A rank replays it with `replay`: it loads that package the way ComfyUI
-loads custom nodes and runs the node through ComfyUI's own `get_output_data`.
+model-sampling nodes...). The ranks replay it (rank/models.py).
 """
 from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
+import hashlib
 import logging
 import os
 import pickle
-import stat
 import sys
-import traceback
 
-from .errors import Unroutable
+from ..errors import Unroutable
+from ..wire.spec import FILES, KEY, NO_PATCHES, MAIN_ONLY_OBJECT_PATCHES, ModelSpec, NodeCall
 
 log = logging.getLogger("comfy_xdit_patch.loaders")
-
-KEY = "comfy_xdit_patch.loader"  # the patcher attachment: a NodeCall
-FILES = "comfy_xdit_patch.files"  # the patcher attachment: stamps of a recipe's files when it loaded
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeCall:
-    module: str  # the node class's module and qualified name
-    qualname: str
-    package: str | None  # file or folder ComfyUI loaded it from as a custom node; None: importable by name
-    parent: str  # load_custom_node's module_parent ("custom_nodes", "comfy_extras")
-    inputs: dict  # input name -> [value], as ComfyUI's executor passes them
-    v3_data: object
-    output: int  # which output is the MODEL
-    files: tuple  # (path, size, mtime_ns) of each file the inputs name, as this process sees it
-    folders: dict = dataclasses.field(repr=False)  # folder_paths.folder_names_and_paths
-    problem: str | None = None  # why the ranks can't replay it
 
 
 def stamps(paths) -> tuple:
@@ -147,21 +129,12 @@ async def record(wrapped, _instance, args, kwargs):
     return result
 
 
-def complete(coroutine):
-    """Run one of ComfyUI's coroutines to its end from synchronous code (a rank, the bench)."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
-
-
 def run_node(cls, **inputs) -> tuple:
     """A node's outputs, run through ComfyUI's executor with its MODEL outputs recorded (bench, scripts)."""
     import execution
 
     body = (None, "comfy_xdit", cls(), {k: [v] for k, v in inputs.items()})
-    output, _, _, pending = complete(record(execution.get_output_data, None, body, {}))
+    output, _, _, pending = asyncio.run(record(execution.get_output_data, None, body, {}))
     if pending:
         raise RuntimeError(f"{cls.__qualname__} is an async node")
     return tuple(o[0] for o in output)
@@ -178,58 +151,33 @@ def recorded(patcher) -> NodeCall:
     return call
 
 
-def check_files(files, rank: int = 0) -> None:
-    """On a rank: every file the model was loaded from is the same file here (size and time)."""
-    for path, size, mtime in files:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise Unroutable(f"rank {rank} can't read {path}, which the model was loaded from ({e})") from e
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (size, mtime):
-            raise Unroutable(f"rank {rank} sees another file at {path} than ComfyUI's process does")
+def _fingerprint(recipe: tuple | None, node: NodeCall | None, files: tuple) -> str:
+    if node is not None:
+        return f"node:{node!r}{files!r}"  # NOTE: NodeCall's repr leaves out the model folders
+    fn, args = recipe[0], recipe[1]
+    return f"{fn.__module__}.{fn.__qualname__}{args!r}{recipe[2:]!r}{files!r}"
 
 
-def _node_class(call: NodeCall):
-    import importlib
-
-    import nodes
-
-    module = sys.modules.get(call.module)
-    if module is None and call.package is not None:
-        # NOTE: runs the package's __init__ in this rank as ComfyUI does at start-up (its own imports too)
-        ok = complete(nodes.load_custom_node(call.package, module_parent=call.parent))
-        module = sys.modules.get(call.module)
-        if not ok or module is None:
-            raise RuntimeError(f"loading the custom node {call.package} did not define {call.module}")
-    if module is None:
-        module = importlib.import_module(call.module)
-    cls = module
-    for part in call.qualname.split("."):
-        cls = getattr(cls, part)
-    return cls
-
-
-def replay(call: NodeCall, disable_dynamic: bool = False):
-    """On a rank: run the recorded loader node; its MODEL output. (`disable_dynamic` is the recipe
-    protocol's; a node decides its patcher class itself.) A node this rank can't import or run makes
-    the model unroutable (it runs in ComfyUI's process), not the group broken."""
+def spec_for(patcher) -> ModelSpec:
+    recipe, node = getattr(patcher, "cached_patcher_init", None), None
+    if recipe is None:
+        node = recorded(patcher)
+        files = node.files
+    else:
+        files = patcher.attachments.get(FILES)  # stamped when the loader node ran
+        if files is None:
+            # the loader's file arguments as this process sees them now (absolute paths, not folders)
+            files = stamps(a for a in recipe[1] if isinstance(a, str) and os.path.isabs(a) and not os.path.isdir(a))
+    if patcher.hook_patches or patcher.weight_wrapper_patches:
+        raise Unroutable("hook or weight-wrapper patches on the model")
+    objects = {k: v for k, v in patcher.object_patches.items() if k not in MAIN_ONLY_OBJECT_PATCHES}
     try:
-        return _replay(call)
+        pickle.dumps((recipe, node))
+        objects_id = hashlib.sha1(pickle.dumps(objects)).hexdigest()
     except Exception as e:
-        log.warning("comfy_xdit_patch: replaying %s failed:\n%s", call.qualname, traceback.format_exc())
-        raise Unroutable(f"a rank could not replay the loader node {call.qualname} ({type(e).__name__}: {e})") from e
-
-
-def _replay(call: NodeCall):
-    import execution
-    import folder_paths
-
-    cls = _node_class(call)
-    # the package's import may register folders; ComfyUI's process's view of them wins
-    folder_paths.folder_names_and_paths.update(copy.deepcopy(call.folders))
-    obj = cls()  # as ComfyUI's executor makes a node object, classic or V3
-    output, _, _, pending = complete(
-        execution.get_output_data(None, "comfy_xdit_replay", obj, call.inputs, v3_data=call.v3_data))
-    if pending:
-        raise RuntimeError("it returned before its model was loaded (an async node)")
-    return output[call.output][0]
+        raise Unroutable(f"the model's recipe or object patches can't be sent to workers ({e})") from e
+    base = _fingerprint(recipe, node, files)
+    patches_uuid = patcher.patches_uuid if patcher.patches else NO_PATCHES
+    key = f"{base}|{patches_uuid}|{objects_id}|{patcher.force_cast_weights}"
+    return ModelSpec(base, key, recipe, patcher.patches, patches_uuid, objects, patcher.force_cast_weights, files,
+                     node)

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import transport
-from .errors import GroupBroken, StartTimeout, StepTimeout, Unroutable, WorkerDied, WorkerFailed
+from ..errors import GroupBroken, StartTimeout, StepTimeout, Unroutable, WorkerDied, WorkerFailed
 from .transport import Inbox, Outbox, Views
 
 _CACHE_SLOTS = 8

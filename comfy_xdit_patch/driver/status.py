@@ -5,7 +5,7 @@ last fallback); this module reads them. The ranks are asked (the existing "stats
 a client asks for the status and no sampling run is in progress, so the per-step path never waits on
 it; between asks the last answer is served, stamped with when it was taken.
 
-Nothing here imports ComfyUI's server at module level: the worker imports `device_facts`.
+Nothing here imports ComfyUI's server at module level.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 
-from . import early
+from ..locate import CHECKOUT
+from . import prestart
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,6 @@ def reset() -> None:
     _plugin = _Plugin()
 
 
-# --- one rank, asked on the rank ------------------------------------------------------------------
-def device_facts(torch, device) -> dict:
-    """Host, device name and memory of this process's device (rank side; CPU ranks report their RSS)."""
-    facts = {"host": socket.gethostname()}
-    if device.type == "cuda":
-        facts.update(gpu=torch.cuda.get_device_name(device), memory=torch.cuda.memory_allocated(device),
-                     memory_reserved=torch.cuda.memory_reserved(device),
-                     memory_peak=torch.cuda.max_memory_allocated(device))
-    else:
-        import resource
-
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        facts.update(gpu=None, memory=rss, memory_peak=max(peak, rss))
-    return facts
-
-
 # --- the document -----------------------------------------------------------------------------------
 def _jsonable(value):
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -117,7 +99,7 @@ def versions() -> dict:
         try:
             import tomllib
 
-            with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"),
+            with open(os.path.join(CHECKOUT, "pyproject.toml"),
                       "rb") as f:
                 plugin = tomllib.load(f)["project"]["version"]
         except (OSError, KeyError, ValueError):
@@ -195,7 +177,7 @@ def snapshot(ask_ranks: bool = False) -> dict:
         runs_while_starting=router.stats["runs_while_starting"],
         routed_calls=router.stats["routed_calls"], local_calls=router.stats["local_calls"],
         group_start_seconds=getattr(group, "start_seconds", None), group_start_phases=getattr(group, "start_phases", None),
-        early_start=early.timeline())
+        early_start=prestart.timeline())
     return doc
 
 

@@ -21,11 +21,14 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 import torch
 
-from . import early, lifecycle, plans
-from .config import Config
-from .errors import GroupBroken, Unroutable, classify
-from .plans.layout import LayoutError
-from .spec import spec_for
+from .. import plans
+from ..config import Config
+from ..errors import GroupBroken, LayoutError, Unroutable, classify
+from ..group import lifecycle
+from ..wire.mesh import choose_mesh, spanning
+from . import last_run, prestart
+from .calls import check
+from .models import spec_for
 from .tuning import ChunkTuner
 
 log = logging.getLogger("comfy_xdit_patch")
@@ -182,15 +185,15 @@ class Router:
         comfy.model_management.unload_model_and_clones(run.patcher, unload_additional_models=False)
         forced = self.config.parallel
         if forced is not None:  # an impossible forced layout is refused before sampling starts
-            plans.layout.choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
+            choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
                                      forced, ring_ok=True, gather=self.config.attention == "gather")
-        early.want()  # a run waits for the group: the last model's record is not waited for any longer
+        prestart.want()  # a run waits for the group: the last model's record is not waited for any longer
         group = self._group()
         run.spec = spec_for(run.patcher)
         if run.spec.key != self._current:
             self._set("loading", f"loading {run.plan.family.upper()} on {group.world} ranks")
         group.prepare(run.spec)
-        early.remember(run.spec, self.config)  # for the next ComfyUI process's early start
+        last_run.remember(run.spec)  # for the next ComfyUI process's early start
         self._current = run.spec.key
         self._set("ready", f"{run.plan.family.upper()} on {group.world} ranks")
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
@@ -216,9 +219,9 @@ class Router:
             if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
                 self.close_group()
             if self.group is None:
-                from .group import WorkerGroup
+                from ..group.workers import WorkerGroup
 
-                ahead = early.take(self.config)  # the start ComfyUI's own start began (prestartup_script.py)
+                ahead = prestart.take(self.config)  # the start ComfyUI's own start began (prestartup_script.py)
                 starting = self._starting = ahead or WorkerGroup(self.config)
                 self._set("starting", f"starting {self.config.workers} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
                 try:
@@ -234,7 +237,7 @@ class Router:
                 if group.private:
                     threading.Thread(target=self._watch, args=(group,), name="comfy-xdit-watch", daemon=True).start()
                 self._set("ready", f"{group.world} ranks up, " + ("the last run's model loaded ahead" if ahead and
-                                                                   early.preloaded() else "no model loaded yet"))
+                                                                   ahead.preloaded else "no model loaded yet"))
             return self.group
 
     def _watch(self, group) -> None:
@@ -279,16 +282,16 @@ class Router:
         if run is None or run.local or not self.active:
             return self._local(executor, run, args, kwargs)
         model = executor.class_obj
-        call = plans.check(run.plan, model, args, kwargs)
+        call = check(run.plan, model, args, kwargs)
         try:
             if call.reason:
                 raise Unroutable(call.reason)
             heads = plans.head_count(run.plan, model)
             node_of = self.group.node_of
-            mesh = plans.layout.choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
+            mesh = choose_mesh(self.group.world, args[0].shape[0], heads, self.config.parallel,
                                             "yunchang" in self.group.attention, self.group.attention == "gather",
                                             node_of)
-            if plans.layout.spanning(mesh, node_of):  # allowed: the only split a batch of 1 leaves; said once
+            if spanning(mesh, node_of):  # allowed: the only split a batch of 1 leaves; said once
                 self._once(("spanning", mesh), "comfy_xdit_patch: layout %s puts sequence-parallel ranks of %d "
                            "nodes in one group: its all-to-alls cross the network (a CFG > 1 or batch > 1 run "
                            "splits across nodes instead)", mesh, len(set(node_of)))
@@ -313,7 +316,7 @@ class Router:
         self.last_call = time.time()
         if shape not in self._warm:
             self._warm.add(shape)
-            early.remember_call(run.spec, self.config, self.group.world, run.plan.family, mesh, chunks, call)
+            last_run.remember_call(run.spec, self.group.world, run.plan.family, mesh, chunks, call.args, call.kwargs)
             self._set("ready", f"{run.plan.family.upper()} on {self.group.world} ranks, {run.size}, {mesh}")
         return out
 

@@ -10,13 +10,13 @@ import os
 import sys
 import threading
 
+from ..config import Config
+from ..locate import CHECKOUT
 from . import lifecycle
-from .config import Config
 
 log = logging.getLogger("comfy_xdit_patch.group")
 
 _NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def comfy_root() -> str:
@@ -47,7 +47,7 @@ _STARTED: dict = {}  # "session": the Ray session _start_ray started
 
 
 def _worker_path() -> str:
-    parts = [PACKAGE_ROOT, comfy_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    parts = [CHECKOUT, comfy_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
 
 

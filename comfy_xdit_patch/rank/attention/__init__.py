@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from ..plans.layout import LayoutError, Mesh, Shard
+from ...config import Mesh
+from ...errors import LayoutError
+from ..layout import Shard
 from . import exchange as exchange_mod
 from . import gather, ulysses
 

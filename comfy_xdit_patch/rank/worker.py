@@ -20,6 +20,8 @@ import sys
 import time
 import traceback
 
+from ..wire.messages import Attach, Call, FilesAbsent, NeedPatches, Prepare, Ready, Stats
+
 log = logging.getLogger("comfy_xdit_patch.worker")
 
 
@@ -76,16 +78,14 @@ def _settle_heap() -> None:
 
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, config, asked_at: float | None = None):
-        began = mark = time.time()
+        from ..timing import Laps
+
+        lap = Laps(clock=time.time)  # wall clock: `asked_at` is ComfyUI's process's
         # how this rank's start-up went (rank docs): its process's start (Ray), then its imports and GPU
-        self.start_seconds = {"process": round(began - asked_at, 3) if asked_at else None}
+        self.start_seconds = lap.seconds
+        self.start_seconds["process"] = round(lap.began - asked_at, 3) if asked_at else None
 
-        def lap(step):
-            nonlocal mark
-            now = time.time()
-            self.start_seconds[step], mark = round(now - mark, 3), now
-
-        from .lifecycle import diag_pause
+        from ..group.lifecycle import diag_pause
 
         diag_pause("init")  # test-only, off unless its variable is set
         if comfy_root not in sys.path:
@@ -182,9 +182,8 @@ class Worker:
     def serve(self, address, authkey: bytes, shared: bool) -> str:
         import torch.distributed as dist
 
-        from .channel import WorkerChannel
-        from .errors import Unroutable
-        from .plans.layout import LayoutError
+        from ..errors import LayoutError, Unroutable
+        from ..wire.channel import WorkerChannel
 
         self._on_device()
         channel = self.channel = WorkerChannel(address, authkey, self.rank, self.device,
@@ -209,8 +208,9 @@ class Worker:
                 channel.fail(seq, f"{type(e).__name__}: {e}")
 
     # --- requests ---------------------------------------------------------------------------------
-    def stats(self, reset) -> dict:
+    def stats(self, message: Stats) -> dict:
         """What this rank holds and has done (read on demand: the status endpoint, tests, the bench)."""
+        reset = message.reset
         cuda = self.device.type == "cuda"
         out = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "attention": self.attention,
                "exchange": sorted(k[9:] for k in self.counters if k.startswith("exchange ")),
@@ -218,7 +218,7 @@ class Worker:
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
                "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases)}
-        from .status import device_facts
+        from .facts import device_facts
 
         out.update(device_facts(self.torch, self.device))  # host, GPU name, memory now and peak
         if self.diagnostics is not None:
@@ -229,10 +229,10 @@ class Worker:
                 self.torch.cuda.reset_peak_memory_stats(self.device)
         return out
 
-    def attach(self, factory) -> str:
+    def attach(self, message: Attach) -> str:
         """Attach a diagnostics object made by `factory(worker)` (the bench's, by reference): its handlers
         join this rank's, and it may wrap `call`. Never attached by default."""
-        self.diagnostics = factory(self)
+        self.diagnostics = message.factory(self)
         self.handlers.update(self.diagnostics.handlers())
         return "attached"
 
@@ -246,33 +246,32 @@ class Worker:
                 del self.loaded[key]
             self.mm.unload_model_and_clones(old)
             log.info("evicted %s", old_key)
-        fn, fn_args = spec.recipe[0], spec.recipe[1]
-        patcher = fn(*fn_args, disable_dynamic=True)
-        if len(spec.recipe) > 2:
-            patcher = patcher[spec.recipe[2]]
+        from .models import build
+
+        patcher = build(spec)
         self.counters["loads"] += 1
         self.bases[spec.base_key] = patcher
         return patcher
 
-    def prepare(self, spec) -> str:
-        """Make the model of `spec` (base + patches) current on the device ("missing": send patches;
-        (node, paths): its files are not on this node)."""
-        from .lifecycle import diag_pause
+    def prepare(self, message: Prepare) -> Ready | NeedPatches | FilesAbsent:
+        """Make the model of the spec (base + patches) current on the device."""
+        spec = message.spec
+        from ..group.lifecycle import diag_pause
 
         diag_pause("prepare")  # test-only (the fault matrix), off unless its variable is set
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
             if spec.base_key not in self.bases:
-                from .spec import missing_files
+                from .models import missing_files
 
                 absent = missing_files(spec)
                 # NOTE: prepare has no collective, so ranks that refuse here while others load can't hang them
                 if absent:  # a clear refusal (group.prepare names node and path), not a loader traceback
-                    return self.where()[1], absent
+                    return FilesAbsent(self.where()[1], absent)
             if spec.patches is None:  # sent without its patches, which this rank doesn't hold
-                return "missing"
+                return NeedPatches()
             if spec.base_key not in self.bases:  # before loading: the files are the ones ComfyUI read
-                from .loaders import check_files
+                from .models import check_files
 
                 check_files(spec.files, self.rank)
             base = self._base(spec)
@@ -291,7 +290,7 @@ class Worker:
         if changed:
             _settle_heap()
         self.load_seconds = time.perf_counter() - t0
-        return "ready"
+        return Ready()
 
     def _kernel_preference(self):
         """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""
@@ -318,10 +317,11 @@ class Worker:
             self.meshes[mesh] = (groups, make, exchange)
         return self.meshes[mesh]
 
-    def runner(self, body, eager: bool = False):
+    def runner(self, body: Call, eager: bool = False):
         """The model call of `body`, ready to run: a function of no arguments that returns the output."""
         from . import attention as attention_mod
-        from . import plans
+        from .. import plans
+        from . import sharding
 
         key, family, mesh, chunks, args, kwargs = body
         model = self.loaded[key].model.diffusion_model
@@ -337,7 +337,7 @@ class Worker:
         def run(inputs):
             with self._kernel_preference():
                 # contiguous (FLUX's output is a permuted view): rank 0's reply is then one plain copy
-                return plans.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention).contiguous()
+                return sharding.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention).contiguous()
 
         # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
         # (4x H100); other kernels run the ring eagerly.
@@ -346,7 +346,7 @@ class Worker:
             return functools.partial(self.graphs.run, (key, mesh, chunks), run, (args, kwargs))
         return functools.partial(run, (args, kwargs))
 
-    def call(self, body, eager: bool = False):
+    def call(self, body: Call, eager: bool = False):
         mark = self.graphs.captures if self.graphs is not None else None
         return self.done(body, mark, self.runner(body, eager)())
 
@@ -358,7 +358,7 @@ class Worker:
         if mark is not None and self.graphs.captures != mark:  # a new graph: the shape's objects are made
             _settle_heap()
         if self.cache_folder is not None:
-            shape = (body[2], tuple(body[4][0].shape))  # mesh, x
+            shape = (body.mesh, tuple(body.args[0].shape))
             if shape not in self.sealed:
                 from . import compile_cache
 

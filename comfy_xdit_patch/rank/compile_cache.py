@@ -28,7 +28,7 @@ import tempfile
 
 log = logging.getLogger(__name__)
 
-_RUNTIME = os.path.dirname(os.path.abspath(__file__))
+_RUNTIME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package
 
 
 def _plugin_code() -> str:

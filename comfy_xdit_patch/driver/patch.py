@@ -13,7 +13,7 @@ import threading
 
 import wrapt
 
-from .config import Config
+from ..config import Config
 
 log = logging.getLogger("comfy_xdit_patch")
 
@@ -58,9 +58,9 @@ def install(config: Config, router=None):
             owner, attr = _owner(module_name, path)
             _originals.append((owner, attr, owner.__dict__[attr]))
             if method == "loaders.record":
-                from . import loaders
+                from . import models
 
-                handler = loaders.record
+                handler = models.record
             else:
                 handler = getattr(router, method)
             wrapt.wrap_function_wrapper(owner, attr, lambda wrapped, instance, args, kwargs, h=handler:

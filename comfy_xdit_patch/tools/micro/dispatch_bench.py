@@ -33,7 +33,7 @@ def rank_main(root, address, authkey, rank, world, compute_ms, profile, spin_ms)
     sys.path.insert(0, root)
     import torch
 
-    from comfy_xdit_patch.channel import WorkerChannel
+    from comfy_xdit_patch.wire.channel import WorkerChannel
 
     gpus = torch.cuda.device_count()
     device = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--compute-ms", type=float, default=20.0)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ap.add_argument("--root", default=os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 3)))
     ap.add_argument("--label", default="")
     ap.add_argument("--driver-spin-lead-ms", type=float, help="DriverChannel.spin_lead (-1: no spinning)")
     ap.add_argument("--rank-spin-ms", type=float, help="WorkerChannel.spin (0: no spinning)")
@@ -103,8 +103,8 @@ def main():
     import torch
     import torch.multiprocessing as mp
 
-    from comfy_xdit_patch import channel as channel_mod
-    from comfy_xdit_patch.channel import DriverChannel
+    from comfy_xdit_patch.wire import channel as channel_mod
+    from comfy_xdit_patch.wire.channel import DriverChannel
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")

@@ -1,0 +1,54 @@
+"""The requests ComfyUI's process sends the ranks, and the ranks' replies: types both ends import.
+
+Each request names its `op` (the rank's handler, and what the channel's timings are keyed by); its fields
+cross as one pickled body, tensors through the channel's payload (wire/channel.py).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .spec import ModelSpec
+
+
+class Prepare(NamedTuple):
+    """Make this model current on the rank's device (loaded once, its patches applied)."""
+    spec: ModelSpec
+    op = "prepare"
+
+
+class Call(NamedTuple):
+    """One diffusion-model call, run by every rank over `mesh`; rank 0 replies with the output."""
+    key: str  # the ModelSpec.key made current by Prepare
+    family: str  # plans: which Plan applies
+    mesh: Any  # config.Mesh: the call's layout
+    chunks: int  # pieces the Ulysses exchange is cut into
+    args: tuple
+    kwargs: dict
+    op = "call"
+
+
+class Stats(NamedTuple):
+    """What the rank holds and has done (status, tests, the bench); `reset` zeroes its call count and peak."""
+    reset: bool = False
+    op = "stats"
+
+
+class Attach(NamedTuple):
+    """Attach a diagnostics object made by `factory(worker)` (the bench's; never by default)."""
+    factory: Any
+    op = "attach"
+
+
+# --- replies to Prepare ---------------------------------------------------------------------------
+class Ready(NamedTuple):
+    """The model is current on this rank."""
+
+
+class NeedPatches(NamedTuple):
+    """The spec came without its weight patches, and this rank doesn't hold them: send them."""
+
+
+class FilesAbsent(NamedTuple):
+    """The model's files are not on this rank's node."""
+    node: str  # the node's address
+    paths: list
