@@ -70,7 +70,7 @@ def main() -> None:
     router = patch.install(kept.config, router=kept)
 
     for cfg in (1.0, 3.5):
-        group = router._group()
+        group = router.life.get()
         before_routed, before_crossed = router.stats["routed_calls"], group.channel.crossed["call"]
         mark = len(lines.lines)
         img = sample(model, latent, cfg)

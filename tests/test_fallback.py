@@ -23,7 +23,7 @@ def test_worker_killed_mid_sampling(router, unrouted, setup):
         reference = sample(model, pos, neg, latent)
     sample(model, pos, neg, latent, steps=1)  # group up and model prepared
     group = router.group
-    starts, fallbacks, routed = router.stats["group_starts"], router.stats["fallbacks"], router.stats["routed_calls"]
+    starts, fallbacks, routed = router.life.starts, router.stats["fallbacks"], router.stats["routed_calls"]
 
     def kill_rank_1(step, *_):
         if step == 1:
@@ -38,7 +38,7 @@ def test_worker_killed_mid_sampling(router, unrouted, setup):
     assert router.active and router.group is None
     again = sample(model, pos, neg, latent)
     assert (again - reference).abs().max().item() <= TOL
-    assert router.stats["group_starts"] == starts + 1 and router.stats["routed_calls"] == routed + 2 + 4
+    assert router.life.starts == starts + 1 and router.stats["routed_calls"] == routed + 2 + 4
 
 
 def test_timeout_falls_back_and_restarts(router, unrouted, setup):
@@ -47,13 +47,13 @@ def test_timeout_falls_back_and_restarts(router, unrouted, setup):
     with unrouted():
         reference = sample(model, pos, neg, big, steps=1)
     sample(model, pos, neg, tiny.latent(64, 64), steps=1)
-    starts = router.stats["group_starts"]
+    starts = router.life.starts
     router.group.config = dataclasses.replace(router.group.config, timeout=0.05)  # COMFY_XDIT_TIMEOUT
     out = sample(model, pos, neg, big, steps=1)
     assert (out - reference).abs().max().item() <= TOL
     assert router.active and router.group is None  # torn down, not unpatched
     sample(model, pos, neg, tiny.latent(64, 64), steps=1)
-    assert router.stats["group_starts"] == starts + 1
+    assert router.life.starts == starts + 1
 
 
 def test_interrupt_is_never_swallowed(router, unrouted, load_flux, tiny_flux):
@@ -117,9 +117,9 @@ def test_close_while_starting_cancels_the_start(config):
     fresh = Router(config)
     thread = fresh.prestart()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (fresh._starting is not None and fresh._starting.actors):
+    while time.monotonic() < deadline and not (fresh.life.starting is not None and fresh.life.starting.actors):
         time.sleep(0.05)
-    starting = fresh._starting
+    starting = fresh.life.starting
     assert starting is not None and starting.actors, "the start never reached its ranks"
     t0 = time.monotonic()
     fresh.close_group()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import threading
 import time
 
 import comfy.model_management
@@ -24,18 +23,16 @@ import torch
 from .. import plans
 from ..config import Config
 from ..errors import GroupBroken, LayoutError, Unroutable, classify
-from ..group import lifecycle
 from ..wire.mesh import choose_mesh, spanning
 from . import last_run, prestart
 from .calls import check
 from .models import spec_for
+from .life import GroupLife
 from .tuning import ChunkTuner
 
 log = logging.getLogger("comfy_xdit_patch")
 
 KEY = "comfy_xdit_patch"
-MAX_RESTARTS = 2  # consecutive runs with a transient failure that restart the group; the next unpatches
-WATCH_SECONDS = 2.0  # how often an idle group's private Ray is checked (Router._watch)
 
 
 @dataclasses.dataclass
@@ -54,23 +51,19 @@ class Run:
 class Router:
     def __init__(self, config: Config, on_disable=lambda: None):
         self.config = config
-        self.group = None
+        self.life = GroupLife(config, self._set)
         self.run: Run | None = None
         self.stats = collections.Counter()
         self.tuner = ChunkTuner(config.a2a_chunks)
         self.disabled: str | None = None
-        self.restarts = 0
         self._on_disable = on_disable
         self._said: set = set()
-        self._lock = threading.RLock()
-        self._sampling = 0  # sampling runs under way (ComfyUI runs one at a time)
         # what status.py reads; set at transitions only, never per call
         self.state, self.detail = "idle", "the worker group starts on the first FLUX run"
         self.last_run = self.last_fallback = self.last_call = None
         self.listeners: list = []  # callables, told after every transition (status.changed)
         self._warm: set = set()  # (shape, layout) the current group has run: a new one compiles first
         self._current = None  # the spec key the group holds
-        self._starting = None  # a group being started (prestart thread or a run), to cancel on close
 
     def _set(self, state: str, detail: str = "") -> None:
         self.state, self.detail = state, detail
@@ -79,6 +72,32 @@ class Router:
     def _tell(self) -> None:
         for listener in self.listeners:
             listener()
+
+    @property
+    def group(self):
+        return self.life.group
+
+    @property
+    def restarts(self) -> int:
+        return self.life.restarts
+
+    def prestart(self):
+        return self.life.prestart()
+
+    def snapshot(self) -> dict:
+        """What the status document shows of this Router and its group, read in one go (driver/status.py)."""
+        group, run = self.group, self.run
+        return {
+            "state": self.state, "detail": self.detail, "disabled": self.disabled,
+            "group": None if group is None else {
+                "world": group.world, "pids": list(group.pids), "hosts": list(group.ips), "attention": group.attention,
+                "start_seconds": group.start_seconds, "start_phases": dict(group.start_phases)},
+            "run": None if run is None else {"routed": run.routed, "local": run.here},
+            "last_run": self.last_run, "last_fallback": self.last_fallback, "last_call": self.last_call,
+            "fallbacks": self.stats["fallbacks"], "restarts": self.life.restarts, "group_starts": self.life.starts,
+            "runs_while_starting": self.stats["runs_while_starting"], "routed_calls": self.stats["routed_calls"],
+            "local_calls": self.stats["local_calls"],
+        }
 
     @property
     def active(self) -> bool:
@@ -115,11 +134,11 @@ class Router:
 
     # --- OUTER_SAMPLE: one sampling run -------------------------------------------------------------
     def outer_sample(self, executor, *args, **kwargs):
-        self._sampling += 1  # Router._watch leaves the group to a run, from its start to its end
+        self.life.sampling += 1  # the idle watch leaves the group to a run, from its start to its end
         try:
             return self._outer_sample(executor, *args, **kwargs)
         finally:
-            self._sampling -= 1
+            self.life.sampling -= 1
 
     def _outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
@@ -152,7 +171,7 @@ class Router:
             if not run.loaded_here:
                 patcher.unpatch_model(unpatch_weights=False)  # object patches back as they were
         if not run.local:
-            self.restarts = 0  # the restart budget counts consecutive failing runs
+            self.life.restarts = 0  # the restart budget counts consecutive failing runs
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         steps = max(len(sigmas) - 1, 1) if sigmas is not None else 1
         ended = time.time()
@@ -170,7 +189,7 @@ class Router:
         background (prestart) is not ready yet (COMFY_XDIT_WHILE_STARTING=local): the first image after a start then comes
         as soon as ComfyUI alone's, not after Ray, the ranks and their weights. Only where ComfyUI's GPU can
         hold its own copy beside rank 0's (and what the run needs besides) until the next run frees it."""
-        if self.group is not None or self._starting is None or self.config.while_starting != "local":
+        if self.group is not None or self.life.starting is None or self.config.while_starting != "local":
             return False
         if self.config.use_gpu:
             device = comfy.model_management.get_torch_device()
@@ -188,7 +207,7 @@ class Router:
             choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
                                      forced, ring_ok=True, gather=self.config.attention == "gather")
         prestart.want()  # a run waits for the group: the last model's record is not waited for any longer
-        group = self._group()
+        group = self.life.get()
         run.spec = spec_for(run.patcher)
         if run.spec.key != self._current:
             self._set("loading", f"loading {run.plan.family.upper()} on {group.world} ranks")
@@ -197,66 +216,6 @@ class Router:
         self._current = run.spec.key
         self._set("ready", f"{run.plan.family.upper()} on {group.world} ranks")
         run.patcher.patch_model(load_weights=False)  # object patches (e.g. model_sampling) act here
-
-    def prestart(self) -> threading.Thread:
-        """Start the worker group in the background (at ComfyUI's start), so that the first FLUX run
-        finds it ready instead of waiting for Ray and the ranks. A failure is logged; that run tries again."""
-
-        def run():
-            try:
-                self._group()
-            except Exception as e:
-                self._set("idle", f"starting ahead failed ({type(e).__name__}: {e}); the first FLUX run tries again")
-                log.warning("comfy_xdit_patch: starting the worker group ahead failed (%s: %s); the first FLUX "
-                            "run will try again", type(e).__name__, e)
-
-        thread = threading.Thread(target=run, name="comfy-xdit-prestart", daemon=True)
-        thread.start()
-        return thread
-
-    def _group(self):
-        with self._lock:
-            if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
-                self.close_group()
-            if self.group is None:
-                from ..group.workers import WorkerGroup
-
-                ahead = prestart.take(self.config)  # the start ComfyUI's own start began (prestartup_script.py)
-                starting = self._starting = ahead or WorkerGroup(self.config)
-                self._set("starting", f"starting {self.config.workers} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
-                try:
-                    group = ahead.wait() if ahead else starting.start()
-                except BaseException as e:
-                    starting.shutdown()
-                    self._set("idle", f"the worker group did not start: {type(e).__name__}: {e}")
-                    raise
-                finally:
-                    self._starting = None
-                self.group, self._warm, self._current = group, set(), None
-                self.stats["group_starts"] += 1
-                if group.private:
-                    threading.Thread(target=self._watch, args=(group,), name="comfy-xdit-watch", daemon=True).start()
-                self._set("ready", f"{group.world} ranks up, " + ("the last run's model loaded ahead" if ahead and
-                                                                   ahead.preloaded else "no model loaded yet"))
-            return self.group
-
-    def _watch(self, group) -> None:
-        """While `group` is this Router's: when the private cluster's GCS dies between runs, close the group at
-        once. Ray's driver thread that polls the GCS then spins (a core of ComfyUI's process, for as long as no
-        FLUX run comes to notice); closing the group shuts Ray down, and the next run starts both again."""
-        while self.group is group:
-            time.sleep(WATCH_SECONDS)
-            if self._sampling or lifecycle.ray_lost(True, kinds=("gcs_server",)) is None:
-                continue  # a run's own calls check (WorkerGroup.check_ray)
-            if not self._lock.acquire(blocking=False):  # a run is starting or preparing: it sees the loss itself
-                continue
-            try:
-                if self.group is group and not self._sampling:
-                    log.warning("comfy_xdit_patch: Ray's GCS died between runs; the worker group is closed, and "
-                                "the next FLUX run starts Ray and a group again")
-                    self.close_group()
-            finally:
-                self._lock.release()
 
     # --- SAMPLER_SAMPLE: the conds of this run, processed ---------------------------------------------
     def sampler_sample(self, executor, guider, *args, **kwargs):
@@ -357,10 +316,9 @@ class Router:
             raise e
         if not transient:
             self.disable(f"{type(e).__name__}: {e}")
-        elif self.restarts >= MAX_RESTARTS:
-            self.disable(f"{MAX_RESTARTS} worker-group restarts; last: {type(e).__name__}: {e}")
+        elif not self.life.after_failure(transient):
+            self.disable(f"{self.life.restarts} worker-group restarts; last: {type(e).__name__}: {e}")
         else:
-            self.restarts += 1
             self._set("idle", f"restarts on the next FLUX run after: {type(e).__name__}: {e}")
             log.warning("comfy_xdit_patch: the worker group was shut down; the next sampling run starts a new one")
 
@@ -372,23 +330,6 @@ class Router:
             self._on_disable()
 
     def close_group(self) -> None:
-        """Tear the group down; returns once its ranks are gone and Ray released their placement.
-        NOTE: a group still starting (prestart thread, or a run) holds the lock: it is cancelled (its
-        ranks killed by handle), its starting thread shuts it down and releases the lock within a
-        fraction of a second, or when Ray's own start-up (not interruptible) returns."""
-        starting = self._starting
-        if starting is not None:
-            starting.cancel()
-        bound = self.config.start_timeout + 10
-        if not self._lock.acquire(timeout=bound):
-            log.error("comfy_xdit_patch: the starting worker group did not stop within %.0fs; it was cancelled "
-                      "and is shut down by its own thread", bound)
-            return
-        try:
-            group, self.group = self.group, None
-            if group is not None:
-                group.shutdown()
-        finally:
-            self._lock.release()
-        if group is not None and self.disabled is None:
+        """Tear the group down (GroupLife.close); the status says the next run starts one."""
+        if self.life.close() and self.disabled is None:
             self._set("idle", "the worker group was shut down; the next FLUX run starts one")

@@ -110,15 +110,12 @@ def versions() -> dict:
 
 
 def _ask_ranks(group) -> None:
-    """The ranks' own view: pid, device, memory, calls. One "stats" request, only between sampling runs."""
+    """The ranks' own view: pid, device, memory, calls. One Stats request, only between sampling runs."""
     if not _ask_lock.acquire(blocking=False):  # another client is asking right now: serve its answer
         return
     try:
-        # NOTE: straight to the channel, not group.request: that one also takes ComfyUI's interrupt flag,
-        # which belongs to the prompt's thread, not to this web request.
-        channel = group.channel
-        replies = channel.request("stats", False, all_reply=True, timeout=10, alive=group.check_alive)
-        _plugin.ranks, _plugin.ranks_of = [replies[r] for r in range(group.world)], group
+        # NOTE: not interruptible: ComfyUI's interrupt flag belongs to the prompt's thread, not to this web request
+        _plugin.ranks, _plugin.ranks_of = group.stats(timeout=10, interruptible=False), group
         _plugin.ranks_at, _plugin.ranks_error = time.time(), None
     except Exception as e:  # a dying group: the router finds out on its next call and falls back
         _plugin.ranks_error = f"{type(e).__name__}: {e}"
@@ -126,16 +123,15 @@ def _ask_ranks(group) -> None:
         _ask_lock.release()
 
 
-def _ranks(router, group) -> list[dict]:
-    asked = {r["rank"]: r for r in _plugin.ranks or []} if _plugin.ranks_of is group else {}
-    hosts = getattr(group, "ips", None) or [None] * group.world
+def _ranks(seen_now: dict, group: dict, asked_of_this_group: bool) -> list[dict]:
+    asked = {r["rank"]: r for r in _plugin.ranks or []} if asked_of_this_group else {}
     out = []
-    for rank in range(group.world):
+    for rank in range(group["world"]):
         seen = asked.get(rank, {})
         out.append({
             "rank": rank,
-            "pid": group.pids[rank] if rank < len(group.pids) else seen.get("pid"),
-            "host": seen.get("host") or hosts[rank],
+            "pid": group["pids"][rank] if rank < len(group["pids"]) else seen.get("pid"),
+            "host": seen.get("host") or (group["hosts"][rank] if rank < len(group["hosts"]) else None),
             "device": seen.get("device"),
             "gpu": seen.get("gpu"),
             "memory": seen.get("memory"),
@@ -144,8 +140,8 @@ def _ranks(router, group) -> list[dict]:
             "load_seconds": seen.get("load_seconds"),  # its last model preparation (weights, patches)
             "start_seconds": seen.get("start_seconds"),  # its process start, imports and GPU (group start)
             # NOTE: every routed call runs on every rank, so the driver's last routed call is each rank's
-            "last_call": router.last_call,
-            "state": router.state,
+            "last_call": seen_now["last_call"],
+            "state": seen_now["state"],
         })
     return out
 
@@ -159,25 +155,19 @@ def snapshot(ask_ranks: bool = False) -> dict:
         doc.update(state="off", detail=_plugin.off, ranks=[], last_run=None, run=None, fallbacks=0, restarts=0,
                    last_fallback=None)
         return doc
-    group = router.group
-    if ask_ranks and group is not None and router.run is None and router.state == "ready":
-        _ask_ranks(group)
-    if router.disabled:
+    group_obj = router.group
+    if ask_ranks and group_obj is not None and router.run is None and router.state == "ready":
+        _ask_ranks(group_obj)
+    now = router.snapshot()
+    group = now.pop("group")
+    if now.pop("disabled"):
         doc.update(enabled=False, reason=router.disabled)
-    run = router.run
-    doc.update(
-        state=router.state, detail=router.detail, workers=router.config.workers,
-        device="GPU" if router.config.use_gpu else "CPU",
-        attention=getattr(group, "attention", None),
-        ranks=_ranks(router, group) if group is not None else [],
-        ranks_at=_plugin.ranks_at, ranks_error=_plugin.ranks_error,
-        run=None if run is None else {"routed": run.routed, "local": run.here},
-        last_run=router.last_run, fallbacks=router.stats["fallbacks"], last_fallback=router.last_fallback,
-        restarts=router.restarts, group_starts=router.stats["group_starts"],
-        runs_while_starting=router.stats["runs_while_starting"],
-        routed_calls=router.stats["routed_calls"], local_calls=router.stats["local_calls"],
-        group_start_seconds=getattr(group, "start_seconds", None), group_start_phases=getattr(group, "start_phases", None),
-        early_start=prestart.timeline())
+    doc.update(now, workers=router.config.workers, device="GPU" if router.config.use_gpu else "CPU",
+               attention=group and group["attention"],
+               ranks=_ranks(now, group, _plugin.ranks_of is group_obj) if group is not None else [],
+               ranks_at=_plugin.ranks_at, ranks_error=_plugin.ranks_error,
+               group_start_seconds=group and group["start_seconds"], group_start_phases=group and group["start_phases"],
+               early_start=prestart.timeline())
     return doc
 
 

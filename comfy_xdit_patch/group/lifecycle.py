@@ -106,14 +106,3 @@ def wait_released(pg_id: str, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
-
-
-def diag_pause(moment: str) -> None:
-    """Test-only: COMFY_XDIT_DIAG_PAUSE="prepare=1.5" holds a rank that long at `moment`, logging it first,
-    so that the fault matrix can land a fault there (a tiny model loads too fast to hit otherwise)."""
-    spec = os.environ.get("COMFY_XDIT_DIAG_PAUSE", "")
-    for part in filter(None, spec.split(",")):
-        name, _, seconds = part.partition("=")
-        if name == moment:
-            log.warning("diag: pausing %ss in %s", seconds, moment)
-            time.sleep(float(seconds))

@@ -252,8 +252,9 @@ class WorkerGroup:
         self.check_ray()  # each call, not only a wait over 50 ms (check_alive): fast steps never wait that long
         return self.request(Call(key, family, mesh, chunks, args, kwargs), **kw)
 
-    def stats(self, reset: bool = False) -> list[dict]:
-        replies = self.request(Stats(reset), all_reply=True)
+    def stats(self, reset: bool = False, **kw) -> list[dict]:
+        """Each rank's own view (wire.messages.Stats); kw: request's timeout, interruptible."""
+        replies = self.request(Stats(reset), all_reply=True, **kw)
         return [replies[r] for r in range(self.world)]
 
     def _kill_actors(self) -> None:

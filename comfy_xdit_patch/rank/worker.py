@@ -85,9 +85,6 @@ class Worker:
         self.start_seconds = lap.seconds
         self.start_seconds["process"] = round(lap.began - asked_at, 3) if asked_at else None
 
-        from ..group.lifecycle import diag_pause
-
-        diag_pause("init")  # test-only, off unless its variable is set
         if comfy_root not in sys.path:
             sys.path.insert(0, comfy_root)
         logging.basicConfig(level=logging.INFO, format=f"[comfy_xdit rank {rank}] %(message)s")
@@ -256,9 +253,6 @@ class Worker:
     def prepare(self, message: Prepare) -> Ready | NeedPatches | FilesAbsent:
         """Make the model of the spec (base + patches) current on the device."""
         spec = message.spec
-        from ..group.lifecycle import diag_pause
-
-        diag_pause("prepare")  # test-only (the fault matrix), off unless its variable is set
         t0 = time.perf_counter()
         if spec.key not in self.loaded:
             if spec.base_key not in self.bases:

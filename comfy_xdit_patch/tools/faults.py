@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from .. import locate
 from . import headless, procs, synthetic
 
+# NOTE: each rank holds 1 s in `prepare`, for (c) and (e): tests/inject/sitecustomize.py, on the ranks' path
 ENV = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2", "COMFY_XDIT_TIMEOUT": "15", "COMFY_XDIT_START_TIMEOUT": "120",
-       "COMFY_XDIT_LOAD_TIMEOUT": "120", "COMFY_XDIT_PRESTART": "1",
-       "COMFY_XDIT_DIAG_PAUSE": "prepare=1"}  # test-only: each rank holds 1 s in `prepare`, for (c) and (e)
+       "COMFY_XDIT_LOAD_TIMEOUT": "120", "COMFY_XDIT_PRESTART": "1", "XDIT_TEST_PAUSE": "prepare=1",
+       "PYTHONPATH": os.pathsep.join(filter(None, (os.path.join(locate.CHECKOUT, "tests", "inject"),
+                                                   os.environ.get("PYTHONPATH"))))}
 TOL = 1e-4
 UNET, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
 SIZE, STEPS = 128, 10  # a fault at step 2 lands mid-sampling (steps take 0.1-0.5 s on a busy 2-core machine)
@@ -87,7 +89,7 @@ class Matrix:
         return procs.ranks(self.root)
 
     def pauses(self) -> int:
-        """How often the current ranks paused in `prepare` (COMFY_XDIT_DIAG_PAUSE), from their own logs."""
+        """How often the current ranks paused in `prepare` (XDIT_TEST_PAUSE), from their own logs."""
         n = 0
         for pid in self.ranks():
             try:
@@ -223,7 +225,7 @@ class Matrix:
         return fault
 
     def gcs_idle(self):
-        """(g) GCS: killed, then left idle until the plugin says it closed the group (Router._watch), and
+        """(g) GCS: killed, then left idle until the plugin says it closed the group (driver/life.py, GroupLife._watch), and
         ComfyUI's CPU time measured over the next 3 s (Ray's driver thread spun a core until a FLUX run came)."""
         kill = self.kill_daemon("gcs_server")
 

@@ -74,7 +74,7 @@ def soak(base_dir: str, n: int, gpu: bool) -> tuple[str, bool]:
     comfyui = locate.import_comfy(cpu=not gpu)
     faults.prepare(base_dir)
     # a GPU rank's first call of each size compiles its blocks (15-25 s): the default call timeout
-    env = dict({k: v for k, v in faults.ENV.items() if k != "COMFY_XDIT_DIAG_PAUSE"}, COMFY_XDIT_TIMEOUT="120")
+    env = dict({k: v for k, v in faults.ENV.items() if k != "XDIT_TEST_PAUSE"}, COMFY_XDIT_TIMEOUT="120")
     if gpu:  # 2 ranks where 2 GPUs are visible, else 1 (a group needs a GPU per rank)
         env["COMFY_XDIT_WORKERS"] = str(max(1, min(2, config.visible_gpus())))
     rows = []
