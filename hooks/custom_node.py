@@ -10,16 +10,28 @@ import sys
 
 log = logging.getLogger("comfy_xdit_patch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANOTHER_COPY = "another copy serves"  # on_load's answer in a second copy of the plugin
 
 
-def on_load():
-    """Returns the Router when the plugin attached, else None."""
+def on_load(here: str = ROOT):
+    """Returns the Router when the plugin attached, ANOTHER_COPY when a copy loaded before this one (another
+    folder in custom_nodes/) serves, else None."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     try:
         import comfy.model_management  # noqa: F401
     except ImportError:  # not inside ComfyUI (a tool importing this folder): nothing to attach to
         return None
+    import comfy_xdit_patch
+
+    # NOTE: one plugin per process. Two copies (a Manager install beside a git clone) would register the
+    # status route twice, which stops ComfyUI's server from starting, and patch ComfyUI twice.
+    first = getattr(comfy_xdit_patch, "loaded_from", None)
+    if first is not None:
+        log.warning("comfy_xdit_patch: already loaded from %s; this copy (%s) does nothing. Remove one of them "
+                    "from custom_nodes/", first, here)
+        return ANOTHER_COPY
+    comfy_xdit_patch.loaded_from = here
     from comfy_xdit_patch.driver import status
 
     _serve_status(status)  # also when off: the panel then says why

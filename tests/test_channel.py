@@ -49,7 +49,13 @@ def channel(request, tmp_path):
                                              spin), daemon=True) for r in range(WORLD)]
     for p in procs:
         p.start()
-    ch.accept(120, lambda: None)
+
+    def alive():  # a rank that died before it connected ends the wait at once, saying so
+        dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(f"rank {dead[0][0]} exited with {dead[0][1]} before it connected (its error is above)")
+
+    ch.accept(120, alive)
     yield ch
     ch.close()
     for p in procs:

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from conftest import REPO
 
@@ -12,18 +13,17 @@ def test_pip_install_gives_a_working_command(tmp_path):
     src = tmp_path / "src"  # pip builds in the source tree: a copy keeps the checkout clean
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", ".devkit",
                                                              ".whl", "bench_out"))
-    venv = tmp_path / "venv"
-    # NOTE: the environment's own pip, setuptools, torch and ray are reused (system site packages); only this
-    # project installs into the new environment
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", str(src)], check=True, cwd=tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(venv / "bin" / "comfy-xdit"), "demo", "--help"], cwd=tmp_path, env=env,
+    prefix = tmp_path / "prefix"
+    # NOTE: into a prefix with this environment's own pip and setuptools (no build isolation: no network); a
+    # venv with --system-site-packages would see the base interpreter's packages instead of this environment's
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--prefix", str(prefix), str(src)], check=True, cwd=tmp_path)
+    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
+    env = dict({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, PYTHONPATH=site)
+    out = subprocess.run([str(prefix / "bin" / "comfy-xdit"), "demo", "--help"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--checkpoint" in out.stdout
-    where = subprocess.run([str(py), "-c", "import comfy_xdit_patch.tools.demo_nodes as m, os; print(m.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import comfy_xdit_patch.tools.demo_nodes as m; print(m.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(venv)), where  # the installed copy, not the checkout
+    assert where.startswith(str(prefix)), where  # the installed copy, not the checkout

@@ -30,6 +30,9 @@ def hook(monkeypatch, unrouted):
     spec.loader.exec_module(module)
 
     def run(env: dict):
+        import comfy_xdit_patch
+
+        monkeypatch.setattr(comfy_xdit_patch, "loaded_from", None, raising=False)  # each run: a new ComfyUI start
         for k in list(os.environ):
             if k.startswith("COMFY_XDIT"):
                 monkeypatch.delenv(k)

@@ -70,6 +70,9 @@ def test_a_restarted_comfyui_loads_the_last_runs_model_ahead(base_dir):
     """A process that started its group early records the base model of its last routed run (under
     COMFY_XDIT_CACHE_DIR); the next process's group loads it as soon as it is up, with no prompt yet."""
     first, _ = render(base_dir, {"COMFY_XDIT": "1"}, "first")
+    record = os.path.join(base_dir, "xdit-cache", "last_model.pkl")  # headless.Server's COMFY_XDIT_CACHE_DIR
+    # it holds the prompt's embeddings: for the user alone
+    assert os.stat(record).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(record)).st_mode & 0o777 == 0o700
 
     def loaded_ahead(server):  # no prompt is sent until the ranks hold the model
         deadline = time.monotonic() + 300
@@ -92,6 +95,29 @@ def test_a_restarted_comfyui_loads_the_last_runs_model_ahead(base_dir):
     assert np.abs(first - changed).max() == 0
 
 
+def test_two_copies_in_custom_nodes_one_serves(base_dir, tmp_path):
+    """The link install.py made plus a copy under another name (a Manager install beside a git clone): ComfyUI
+    starts and serves, the first copy loaded routes every call once, the other logs one line and does nothing."""
+    import shutil
+
+    copy = os.path.join(base_dir, "custom_nodes", "comfy-xdit-second-copy")
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "bench_out", ".devkit", ".whl"))
+    try:
+        with headless.Server(COMFYUI, base_dir, env={"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"}, cpu=True,
+                             log_path=os.path.join(base_dir, "two-copies.log")) as server:
+            server.run(WORKFLOW, timeout=600)
+            status = server._get("/xdit/status")
+            log = server.log()
+    finally:
+        shutil.rmtree(copy)
+    lines = [line for line in log.splitlines() if "this copy" in line and "does nothing" in line]
+    assert len(lines) == 1 and "comfy-xdit-second-copy" in log and os.path.join("custom_nodes", "comfy_xdit_patch") \
+        in lines[0], lines
+    assert status["last_run"]["routed"] == 4 and status["last_run"]["local"] == 0, status["last_run"]
+    assert log.count("routing FLUX to 2") == 1 and log.count("worker group ready") == 1
+    assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log)
+
+
 @pytest.mark.slow  # ~20 s: a server of its own
 def test_bad_value_starts_comfyui_unpatched_and_serving(base_dir):
     img, log = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_FALLBACK": "maybe"}, "bad")
@@ -104,7 +130,9 @@ def test_a_run_while_the_group_starts_runs_as_comfyui_alone_and_the_next_is_rout
     started with ComfyUI is still starting runs in ComfyUI's process, as without the plugin, instead of
     waiting for the ranks; once the group is up, the same prompt is routed, with the same image."""
     env = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2", "COMFY_XDIT_WHILE_STARTING": "local",
-           "COMFY_XDIT_DIAG_PAUSE": "init=15"}  # each rank holds 15 s in its start: the prompt comes first
+           # each rank holds 15 s in its start (tests/inject/sitecustomize.py): the prompt comes first
+           "XDIT_TEST_PAUSE": "init=15", "PYTHONPATH": os.pathsep.join(
+               filter(None, (os.path.join(REPO, "tests", "inject"), os.environ.get("PYTHONPATH"))))}
     with headless.Server(COMFYUI, base_dir, env=env, cpu=True,
                          log_path=os.path.join(base_dir, "while-starting.log")) as server:
         local = server.run(WORKFLOW, timeout=600)
