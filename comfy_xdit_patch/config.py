@@ -62,6 +62,7 @@ class Config:
     prestart: bool
     remember_last: bool  # the last run's model and first call are kept for the next process
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
+    join_retry: float  # seconds before a run tries again to join a cluster that could not be joined
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -163,25 +164,28 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_LOAD_TIMEOUT", "900", "Seconds the workers may take to load or re-patch a model.", _seconds),
     EnvVar("COMFY_XDIT_START_TIMEOUT", "180", "Seconds the worker group may take to start.", _seconds),
     EnvVar("COMFY_XDIT_PRESTART", "1",
-           "`1`: the worker group starts with ComfyUI, in the background, and loads the model of the last "
-           "process's last FLUX run; `0`: it starts on the first FLUX run.", _bool),
+           "`1`: the worker group starts with ComfyUI, in the background, with the last run's model; `0`: on "
+           "the first FLUX run.", _bool),
     EnvVar("COMFY_XDIT_WHILE_STARTING", "local",
            "A FLUX run that comes while the worker group started with ComfyUI is still starting (or loading "
            "the last model ahead): `local` runs it in ComfyUI's process, as without the plugin, when ComfyUI's "
            "GPU can hold a second copy of the model (2.5x its size); `wait` waits for the group.",
            _choice("local", "wait"), "tuning"),
+    EnvVar("COMFY_XDIT_JOIN_RETRY", "30",
+           "Seconds before a FLUX run tries again to join the Ray cluster at `COMFY_XDIT_RAY_ADDRESS` after it "
+           "could not be joined (doubles with each failed try, up to 10 min); runs meanwhile stay in ComfyUI's "
+           "process.", _seconds, "tuning"),
     EnvVar("COMFY_XDIT_CACHE_DIR", "~/.cache/comfy_xdit_patch",
-           "Compiled code (a folder per torch / ComfyUI / plugin / GPU version) and the last model, kept "
-           "between ComfyUI processes.", _text),
+           "Compiled code and the last run's record, kept between ComfyUI processes.", _text),
     EnvVar("COMFY_XDIT_REMEMBER", "1",
-           "`1`: the last FLUX run's model and first call (the prompt's embeddings) are kept, readable by you "
-           "alone, and run ahead at the next start; `0`: nothing is kept.",
+           "`1`: the last run's model and first call (its prompt's embeddings) are kept, for you alone, and run "
+           "ahead at the next start; `0`: none kept.",
            _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
-           "`1`: each rank compiles the FLUX blocks (torch.compile) at each new resolution (~6 s on an "
-           "H200); `0`: as in ComfyUI.", _bool),
+           "`1`: each rank compiles the FLUX blocks at each new resolution (~6 s on an H200); `0`: as in "
+           "ComfyUI.", _bool),
     # --- tuning (docs/configuration.md): the defaults are the measured best; change them to compare ---
     EnvVar("COMFY_XDIT_ATTENTION", "auto",
            "Sequence-parallel attention: `auto`, `torch` (Ulysses all-to-all + ComfyUI's attention), "
@@ -300,6 +304,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         prestart=val.get("COMFY_XDIT_PRESTART", True),
         remember_last=val.get("COMFY_XDIT_REMEMBER", True),
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
+        join_retry=val.get("COMFY_XDIT_JOIN_RETRY", 30.0),
         gpus=gpus,
     )
 

@@ -62,6 +62,14 @@ class Unroutable(RoutingError):
     transient = True
 
 
+class ClusterUnreachable(RoutingError):
+    """The Ray cluster at COMFY_XDIT_RAY_ADDRESS can't be joined now (nothing listens there, it is no Ray GCS,
+    it refuses this process's token, or it runs another Ray): FLUX runs in ComfyUI's process, and a run after a
+    back-off tries again; nothing on this side is broken."""
+
+    transient = True
+
+
 class ClusterShort(Unroutable):
     """A joined Ray cluster has no room for the group now (a node left, or is busy): this run is computed
     in ComfyUI's process and the next one tries again; nothing on this side is broken."""

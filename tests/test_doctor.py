@@ -41,3 +41,12 @@ def test_bad_setting_is_a_problem():
     assert rc == 1, out
     assert "[FAIL] settings: COMFY_XDIT_FALLBACK='maybe' is not valid" in out
     assert "what to do: fix or unset COMFY_XDIT_FALLBACK" in out
+
+
+def test_an_address_where_nothing_listens_is_a_problem_named():
+    from comfy_xdit_patch.tools.headless import free_port
+
+    address = f"127.0.0.2:{free_port()}"  # loopback, nothing there; Ray leaves 127.0.0.2 as it is
+    rc, out = doctor(COMFY_XDIT_RAY_ADDRESS=address)
+    assert rc == 1, out
+    assert f"[FAIL] Ray cluster {address}: nothing listens at {address}" in out and "ray start --head" in out

@@ -69,3 +69,23 @@ def test_the_last_model_record_is_read_only_once_comfyui_imported_what_it_names(
     with caplog.at_level("INFO", logger="comfy_xdit_patch"):
         assert last_run.read(config, wanted, cancelled, time.monotonic() + 60) is None
     assert "xdit_loader_pack.loader is not imported" in caplog.text
+
+
+def test_the_record_is_for_the_user_alone_and_off_with_remember_0(tmp_path, monkeypatch):
+    """The record holds the prompt's embeddings: written 0600 in a 0700 folder; COMFY_XDIT_REMEMBER=0 keeps none."""
+    from comfy_xdit_patch.wire.spec import NO_PATCHES, ModelSpec
+
+    monkeypatch.setattr(prestart.EarlyStart, "run", lambda self: None)  # the settings' effect only, no group
+    spec = ModelSpec("base", "key", (os.path.join, ("flux.safetensors",)), {}, NO_PATCHES, {}, False)
+    cache = tmp_path / "cache"
+    for remember, kept in (("0", False), ("1", True)):
+        monkeypatch.setattr(prestart, "_early", None)
+        monkeypatch.setattr(last_run, "_recorder", None)
+        for k, v in {"COMFY_XDIT": "1", "COMFY_XDIT_PRESTART": "1", "COMFY_XDIT_CACHE_DIR": str(cache),
+                     "COMFY_XDIT_REMEMBER": remember}.items():
+            monkeypatch.setenv(k, v)
+        assert prestart.start()
+        prestart._early.thread.join(5)
+        last_run.remember(spec)
+        assert (cache / last_run.LAST).exists() == kept
+    assert os.stat(cache / last_run.LAST).st_mode & 0o777 == 0o600 and os.stat(cache).st_mode & 0o777 == 0o700

@@ -24,6 +24,9 @@ def test_pip_install_gives_a_working_command(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--checkpoint" in out.stdout
-    where = subprocess.run([sys.executable, "-c", "import comfy_xdit_patch.tools.demo_nodes as m; print(m.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(prefix)), where  # the installed copy, not the checkout
+    subpackages = ["driver", "group", "wire", "rank", "rank.attention", "plans", "tools", "tools.demo_nodes"]
+    code = ("import importlib.util\nfor s in %r: print(importlib.util.find_spec('comfy_xdit_patch.' + s).origin)"
+            % subpackages)
+    where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert len(where) == len(subpackages) and all(w.startswith(str(prefix)) for w in where), where  # installed

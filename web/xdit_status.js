@@ -60,6 +60,7 @@ function render() {
     <h3>xDiT worker group: <span data-xdit="enabled">${on}</span>${why}</h3>
     <div>state: <span class="xdit-state xdit-state-${esc(s.state)}" data-xdit="state">${esc(s.state)}</span>
       <span data-xdit="detail">${esc(s.detail || "")}</span></div>
+    ${s.next_try ? `<div data-xdit="next-try">next try: ${new Date(s.next_try * 1000).toLocaleTimeString()}</div>` : ""}
     ${s.workers ? `<div>${s.workers} ${esc(s.device)} ranks, ${esc(s.attention || "–")} attention</div>` : ""}
     ${run}
     ${rows}

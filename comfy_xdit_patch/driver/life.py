@@ -11,12 +11,14 @@ import time
 from typing import Callable
 
 from ..config import Config
+from ..errors import ClusterUnreachable
 from ..group import lifecycle
 from . import prestart
 
 log = logging.getLogger("comfy_xdit_patch")
 
 MAX_RESTARTS = 2  # consecutive runs with a transient failure that restart the group; the next unpatches
+MAX_RETRY = 600.0  # seconds between tries to join a cluster that could not be joined, at most
 WATCH_SECONDS = 2.0  # how often an idle group's private Ray is checked (_watch)
 
 
@@ -28,6 +30,9 @@ class GroupLife:
         self.restarts = 0  # consecutive runs that failed transiently (the budget's count)
         self.starts = 0
         self.sampling = 0  # sampling runs under way: the watch leaves the group to them
+        self.unreachable: str | None = None  # why the Ray cluster at COMFY_XDIT_RAY_ADDRESS could not be joined
+        self.next_try: float | None = None  # when a run may try to join it again (time.time())
+        self._retry = config.join_retry
         self._tell = tell
         self._lock = threading.RLock()
 
@@ -36,6 +41,8 @@ class GroupLife:
         with self._lock:
             if self.group is not None and lifecycle.ray_lost(self.group.private):  # e.g. GCS gone, ranks still up
                 self.close()
+            if self.group is None and self.next_try is not None and time.time() < self.next_try:
+                raise ClusterUnreachable(f"{self.unreachable} (next try in {self.next_try - time.time():.0f} s)")
             if self.group is None:
                 from ..group.workers import WorkerGroup
 
@@ -44,6 +51,10 @@ class GroupLife:
                 self._tell("starting", f"starting {self.config.workers} {'GPU' if self.config.use_gpu else 'CPU'} ranks")
                 try:
                     group = ahead.wait() if ahead else starting.start()
+                except ClusterUnreachable as e:
+                    starting.shutdown()
+                    self._unreachable(str(e))
+                    raise
                 except BaseException as e:
                     starting.shutdown()
                     self._tell("idle", f"the worker group did not start: {type(e).__name__}: {e}")
@@ -52,6 +63,8 @@ class GroupLife:
                     self.starting = None
                 self.group = group
                 self.starts += 1
+                self.unreachable = self.next_try = None
+                self._retry = self.config.join_retry
                 if group.private:
                     threading.Thread(target=self._watch, args=(group,), name="comfy-xdit-watch", daemon=True).start()
                 preloaded = ahead is not None and ahead.preloaded
@@ -66,6 +79,8 @@ class GroupLife:
         def run():
             try:
                 self.get()
+            except ClusterUnreachable:  # said, and shown as broken, with the next try
+                pass
             except Exception as e:
                 self._tell("idle", f"starting ahead failed ({type(e).__name__}: {e}); the first FLUX run tries again")
                 log.warning("comfy_xdit_patch: starting the worker group ahead failed (%s: %s); the first FLUX "
@@ -74,6 +89,16 @@ class GroupLife:
         thread = threading.Thread(target=run, name="comfy-xdit-prestart", daemon=True)
         thread.start()
         return thread
+
+    def _unreachable(self, cause: str) -> None:
+        """The cluster at COMFY_XDIT_RAY_ADDRESS could not be joined: runs stay in ComfyUI's process until the next
+        try, after a back-off that doubles with each failed try (a cluster started later is joined then)."""
+        self.unreachable, self.next_try = cause, time.time() + self._retry
+        when = time.strftime("%H:%M:%S", time.localtime(self.next_try))
+        log.warning("comfy_xdit_patch: can't join the Ray cluster at %s: %s. FLUX runs in ComfyUI's process; the "
+                    "next try is at %s", self.config.ray_address, cause, when)
+        self._retry = min(2 * self._retry, MAX_RETRY)
+        self._tell("broken", f"can't join the Ray cluster at {self.config.ray_address}: {cause}")
 
     def _watch(self, group) -> None:
         """While `group` is in use: when the private cluster's GCS dies between runs, close the group at once.

@@ -22,7 +22,7 @@ import torch
 
 from .. import plans
 from ..config import Config
-from ..errors import GroupBroken, LayoutError, Unroutable, classify
+from ..errors import ClusterUnreachable, GroupBroken, LayoutError, Unroutable, classify
 from ..wire.mesh import choose_mesh, spanning
 from . import last_run, prestart
 from .calls import check
@@ -96,7 +96,7 @@ class Router:
             "last_run": self.last_run, "last_fallback": self.last_fallback, "last_call": self.last_call,
             "fallbacks": self.stats["fallbacks"], "restarts": self.life.restarts, "group_starts": self.life.starts,
             "runs_while_starting": self.stats["runs_while_starting"], "routed_calls": self.stats["routed_calls"],
-            "local_calls": self.stats["local_calls"],
+            "local_calls": self.stats["local_calls"], "next_try": self.life.next_try,
         }
 
     @property
@@ -303,10 +303,18 @@ class Router:
                 raise e
             return
         self.stats["fallbacks"] += 1
-        self.last_fallback = {"time": time.time(), "where": where, "error": f"{type(e).__name__}: {e}"}
         if run is not None:
             run.local = True
+        if isinstance(e, ClusterUnreachable):  # no group to close, nothing broken here: a later run tries again
+            self.last_fallback = {"time": time.time(), "where": where, "error": f"{type(e).__name__}: {e}"}
+            if self.config.fallback == "error":
+                raise e
+            return
+        # NOTE: what the user reads is the kind, not what surfaced first: when a rank died, a survivor's broken
+        # collective (gloo's "Read error", NCCL's abort) is that death
         raw, e = e, (self.group.classify(e) if self.group is not None else classify(e))
+        self.last_fallback = {"time": time.time(), "where": where, "error": f"{type(e).__name__}: {e}",
+                              "raised": f"{type(raw).__name__}: {raw}"}
         transient = e.transient
         self.stats[f"failure {type(e).__name__}"] += 1
         log.warning("comfy_xdit_patch: %s failed (%s: %s); computing it on one GPU in ComfyUI's process",

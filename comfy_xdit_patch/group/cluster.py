@@ -11,8 +11,9 @@ import sys
 import threading
 
 from ..config import Config
+from ..errors import ClusterUnreachable
 from ..locate import CHECKOUT
-from . import lifecycle
+from . import join, lifecycle
 
 log = logging.getLogger("comfy_xdit_patch.group")
 
@@ -52,9 +53,11 @@ def _worker_path() -> str:
 
 
 def init_ray(config: Config) -> None:
-    """Start or join Ray, once per process, on a thread of ours that lives as long as the process:
-    Ray's own processes (GCS, raylet) die with the THREAD that started them (Linux's parent-death
-    signal), and the caller may be a short-lived one (the prestart thread)."""
+    """Start or join Ray, once per process. A private cluster starts on a thread of ours that lives as long as
+    the process: Ray's own processes (GCS, raylet) die with the THREAD that started them (Linux's parent-death
+    signal), and the caller may be a short-lived one (the prestart thread). A joined one starts no process:
+    joining is bounded by COMFY_XDIT_START_TIMEOUT whatever its head does (group/join.py), and raises
+    ClusterUnreachable with the cause."""
     ray = sys.modules.get("ray")  # NOTE: not imported here; _start_ray sets its environment first
     if ray is not None and ray.is_initialized():
         lost = lifecycle.ray_lost(not config.ray_address)
@@ -62,6 +65,9 @@ def init_ray(config: Config) -> None:
             return
         log.warning("comfy_xdit_patch: %s", lost)
         lifecycle.restart_ray()  # the thread that kept the old cluster's processes waits on, harmlessly
+    if config.ray_address:
+        _join(config)
+        return
     done, error = threading.Event(), []
 
     def keep():
@@ -79,24 +85,28 @@ def init_ray(config: Config) -> None:
         raise error[0]
 
 
+def _join(config: Config) -> None:
+    import ray
+
+    cause = join.join(config.ray_address, config.start_timeout, log_to_driver=False,
+                      runtime_env={"env_vars": {"PYTHONPATH": _worker_path(), _NOSET: "1"}})
+    if cause is not None:
+        raise ClusterUnreachable(cause)
+    atexit.register(ray.shutdown)
+
+
 def _start_ray(config: Config) -> None:
-    """Start or join Ray; disconnect at exit if this plugin connected."""
-    private = not config.ray_address
-    if private:
-        # NOTE: Ray otherwise advertises, and binds its gRPC servers to, the machine's external address;
-        # in single-node mode it uses loopback. Set before ray is imported (its child processes read it)
-        # and on the constant itself in case another node pack imported ray first.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    """Start the private cluster; stop it at exit."""
+    # NOTE: Ray otherwise advertises, and binds its gRPC servers to, the machine's external address;
+    # in single-node mode it uses loopback. Set before ray is imported (its child processes read it)
+    # and on the constant itself in case another node pack imported ray first.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return
     atexit.register(ray.shutdown)
     os.environ["PYTHONPATH"] = _worker_path()  # the raylet, and so every worker, inherits it
-    if not private:
-        ray.init(address=config.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": _worker_path(), _NOSET: "1"}})
-        return
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False

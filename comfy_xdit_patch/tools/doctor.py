@@ -192,9 +192,17 @@ def check_config(r: Report, gpus: int):
 
 
 def check_ray(r: Report, config) -> None:
-    """A private cluster as the plugin starts one (loopback), one task on it, timed; then shut down."""
-    from ..group import cluster
+    """A private cluster as the plugin starts one (loopback), one task on it, timed; then shut down. A cluster
+    to join (COMFY_XDIT_RAY_ADDRESS) is probed first: reachable, a Ray GCS, this process's token, its Ray version."""
+    from ..group import cluster, join
 
+    if config.ray_address:
+        cause = join.probe(config.ray_address, min(config.start_timeout, 30.0))
+        if cause is not None:
+            r.problem(f"Ray cluster {config.ray_address}", cause,
+                      "fix COMFY_XDIT_RAY_ADDRESS, start the cluster, or set its token and Ray version as said")
+            return
+        r.ok(f"Ray cluster {config.ray_address}", "reachable, a Ray GCS, takes this process's token, same Ray")
     try:
         t0 = time.perf_counter()
         cluster.init_ray(config)

@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from .. import locate
 from . import headless, procs, synthetic
 
-# NOTE: each rank holds 1 s in `prepare`, for (c) and (e): tests/inject/sitecustomize.py, on the ranks' path
+# NOTE: tests/inject/sitecustomize.py, on the path of the server and its ranks: each rank holds 1 s in
+# `prepare`, for (c) and (e); a 'sampling' fault lands while the sampler is held at step HOLD_STEP
+HOLD_STEP = 2
 ENV = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2", "COMFY_XDIT_TIMEOUT": "15", "COMFY_XDIT_START_TIMEOUT": "120",
        "COMFY_XDIT_LOAD_TIMEOUT": "120", "COMFY_XDIT_PRESTART": "1", "XDIT_TEST_PAUSE": "prepare=1",
        "PYTHONPATH": os.pathsep.join(filter(None, (os.path.join(locate.CHECKOUT, "tests", "inject"),
@@ -32,7 +34,6 @@ ROUTED = re.compile(r"(\d+) of (\d+) model calls ran on the 2-rank worker group"
 # (e) needs the group of (h) with the base model loaded; (b) and (c) start after a failed run left no group;
 # (j) and (J) need a group up and warm, which (g)'s next prompt leaves
 CASES = "adfheibcgGjJ"
-PROGRESS = re.compile(r"(\d+)/(\d+) \[")
 
 
 def prepare(base_dir: str) -> str:
@@ -78,6 +79,7 @@ class Matrix:
     def __init__(self, server: headless.Server, reference: dict, timeout: float, start_timeout: float):
         self.server, self.reference, self.timeout, self.start_timeout = server, reference, timeout, start_timeout
         self.root = server.proc.pid
+        self.hold = server.env["XDIT_TEST_HOLD"].split(":", 1)[1]  # the sampler holds at a step: see ENV
         self.rows: list[Row] = []
         self.after_exit: list[int] = []  # processes the server started that outlived it
 
@@ -117,7 +119,8 @@ class Matrix:
     # --- one case -----------------------------------------------------------------------------------
     def case(self, name: str, when: str, fault, wf="base", ok=True, fresh=True, before=None) -> Row:
         """when: 'idle' (before the prompt), 'start' (a new rank process appeared), 'ready' (the group is
-        up, the model about to load), 'sampling' (step 2 of the routed run). fault(pid) -> pid to clean."""
+        up, the model about to load), 'sampling' (the routed run held at step HOLD_STEP until the fault is
+        applied). fault(pid) -> pid to clean."""
         row = Row(name)
         old = self.ranks()
         shm0 = procs.shm_segments()
@@ -126,7 +129,7 @@ class Matrix:
             old = self.ranks()
         mark = len(self.server.log())
         paused = self.pauses()
-        state = {"t": None, "detect": None, "victim": None, "late": False}
+        state = {"t": None, "detect": None, "victim": None}
 
         def hit():
             state["t"] = time.monotonic()
@@ -143,21 +146,23 @@ class Matrix:
                     hit()
                 elif when == "prepare" and self.pauses() > paused:
                     hit()
-                elif when == "sampling" and any(int(k) >= 2 for k, _ in PROGRESS.findall(text)):
-                    state["late"] = any(k == n for k, n in PROGRESS.findall(text))  # the sampler was done
+                elif when == "sampling" and f"diag: holding at step {HOLD_STEP}" in text:
                     hit()
+                    open(os.path.join(self.hold, "go"), "w").close()  # the sampler goes on, with the fault
             elif state["detect"] is None and "failed (" in text:
                 state["detect"] = time.monotonic()
 
         if when == "idle":
             hit()
+        if when == "sampling":
+            open(os.path.join(self.hold, "arm"), "w").close()
         pid = self.server.submit(workflow(**self.reference[wf][0]))
         result = self.server.wait(pid, timeout=600, ok=ok, poll=poll)
         end = time.monotonic()
         poll()
         text = self._log(mark)
-        if state["t"] is None or state["late"]:
-            row.outcome = f"fault not applied ({when} {'over' if state['late'] else 'never seen'})"
+        if state["t"] is None:
+            row.outcome = f"fault not applied ({when} never seen)"
             return self._done(row)
         row.wait = round((state["detect"] or end) - state["t"], 1)
         m = ROUTED.findall(text)
@@ -338,7 +343,9 @@ def run(base_dir: str, cases: str | None = None, env: dict | None = None) -> "Ma
     comfyui = locate.import_comfy(cpu=True)  # synthetic weights are made with ComfyUI's model classes
     prepare(base_dir)
     reference = references(comfyui, base_dir, SPECS)
-    env = dict(ENV, **(env or {}))
+    hold = os.path.join(base_dir, "hold")
+    os.makedirs(hold, exist_ok=True)
+    env = dict(ENV, XDIT_TEST_HOLD=f"{HOLD_STEP}:{hold}", **(env or {}))
     with headless.Server(comfyui, base_dir, env=env, cpu=True, extra_args=("--cache-none",),
                          log_path=os.path.join(base_dir, "faults.log")) as server:
         matrix = Matrix(server, reference, float(env["COMFY_XDIT_TIMEOUT"]), float(env["COMFY_XDIT_START_TIMEOUT"]))

@@ -1,47 +1,88 @@
-"""Test-only, never shipped: holds a rank at a known moment, so that a test can land a fault there (a tiny model
-loads too fast to hit otherwise) or send a prompt before the ranks are up.
+"""Test-only, never shipped: holds a process at a known moment, so that a test lands a fault exactly there.
 
 Python imports `sitecustomize` at start-up from its path; test servers put this folder on PYTHONPATH (Ray's
-workers inherit it) with XDIT_TEST_PAUSE="prepare=1" or "init=15". When a process imports the rank's module,
-the named Worker methods are wrapped to log a line ("diag: pausing 1s in prepare", read from the rank's log)
-and sleep first. Nothing in the plugin knows about it.
+workers inherit it). Nothing in the plugin knows about it; each hold wraps a function when its module is
+first imported:
+- XDIT_TEST_PAUSE="prepare=1" or "init=15": a rank sleeps that long at the start of Worker.prepare /
+  Worker.__init__, after logging "diag: pausing 1s in prepare" (a tiny model loads too fast to hit
+  otherwise; a prompt can come before the ranks are up).
+- XDIT_TEST_HOLD="K:DIR": in ComfyUI's process, when DIR/arm exists, the sampler's step callback at step K
+  removes it, logs "diag: holding at step K", and waits (60 s at most) until DIR/go exists: the fault
+  lands while sampling is under way, at a known step, whatever the machine's speed.
 """
 import os
 
 _PAUSES = dict(p.split("=", 1) for p in os.environ.get("XDIT_TEST_PAUSE", "").split(",") if "=" in p)
-_MODULE = "comfy_xdit_patch.rank.worker"
-_METHODS = {"init": "__init__", "prepare": "prepare"}
+_HOLD = os.environ.get("XDIT_TEST_HOLD", "")
 
-if _PAUSES:
+if _PAUSES or _HOLD:
     import functools
     import importlib.util
     import sys
     import time
 
+    def _say(text: str) -> None:
+        print(f"diag: {text}", file=sys.stderr, flush=True)
+
     def _paused(moment: str, seconds: float, method):
         @functools.wraps(method)
         def wrapper(*args, **kwargs):
-            print(f"diag: pausing {seconds:g}s in {moment}", file=sys.stderr, flush=True)
+            _say(f"pausing {seconds:g}s in {moment}")
             time.sleep(seconds)
             return method(*args, **kwargs)
 
         return wrapper
 
+    def _pause_worker(module) -> None:
+        for moment, seconds in _PAUSES.items():
+            name = {"init": "__init__", "prepare": "prepare"}[moment]
+            setattr(module.Worker, name, _paused(moment, float(seconds), getattr(module.Worker, name)))
+
+    def _hold_sampler(module) -> None:
+        step, folder = _HOLD.split(":", 1)
+        arm, go = os.path.join(folder, "arm"), os.path.join(folder, "go")
+        prepare = module.prepare_callback
+
+        @functools.wraps(prepare)
+        def prepare_callback(*args, **kwargs):
+            callback = prepare(*args, **kwargs)
+
+            def held(i, *rest):
+                if i == int(step) and os.path.exists(arm):
+                    os.remove(arm)
+                    _say(f"holding at step {i}")
+                    deadline = time.monotonic() + 60
+                    while not os.path.exists(go) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    if os.path.exists(go):
+                        os.remove(go)
+                return callback(i, *rest)
+
+            return held
+
+        module.prepare_callback = prepare_callback
+
+    _PATCHES = {"comfy_xdit_patch.rank.worker": _pause_worker if _PAUSES else None,
+                "latent_preview": _hold_sampler if _HOLD else None}
+
     class _Finder:
-        """Wraps the Worker's methods once its module is executed (a meta path finder that steps aside after)."""
+        """Runs a patch right after its module is executed, then steps aside for that module."""
 
         def find_spec(self, name, path=None, target=None):
-            if name != _MODULE:
+            patch = _PATCHES.pop(name, None)
+            if patch is None:
                 return None
             sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                if any(_PATCHES.values()):
+                    sys.meta_path.insert(0, self)
             run = spec.loader.exec_module
 
             def exec_module(module):
                 run(module)
-                for moment, seconds in _PAUSES.items():
-                    method = _METHODS[moment]
-                    setattr(module.Worker, method, _paused(moment, float(seconds), getattr(module.Worker, method)))
+                patch(module)
 
             spec.loader.exec_module = exec_module
             return spec

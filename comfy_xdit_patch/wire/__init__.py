@@ -1,0 +1,1 @@
+"""What both processes import: the messages, the model spec, the call layout, the per-step channel."""
