@@ -45,7 +45,8 @@ def test_an_unreachable_cluster_is_bounded_said_shown_and_joined_once_up(base_di
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "HOME": str(tmp_path)}  # no ~/.ray token of the user's
     said = f"can't join the Ray cluster at {address}"
     heads = []
-    with headless.Server(COMFYUI, base_dir, env=env, cpu=True, log_path=os.path.join(base_dir, "join.log")) as server:
+    with headless.Server(COMFYUI, base_dir, env=env, cpu=True, extra_args=("--cache-none",),  # each prompt samples
+                         log_path=os.path.join(base_dir, "join.log")) as server:
 
         def local_run(cause: str):
             tries = server.log().count(said)

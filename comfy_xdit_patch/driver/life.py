@@ -95,8 +95,8 @@ class GroupLife:
         try, after a back-off that doubles with each failed try (a cluster started later is joined then)."""
         self.unreachable, self.next_try = cause, time.time() + self._retry
         when = time.strftime("%H:%M:%S", time.localtime(self.next_try))
-        log.warning("comfy_xdit_patch: can't join the Ray cluster at %s: %s. FLUX runs in ComfyUI's process; the "
-                    "next try is at %s", self.config.ray_address, cause, when)
+        log.warning("comfy_xdit_patch: can't join the Ray cluster at %s: %s (FLUX runs in ComfyUI's process; the "
+                    "next try is at %s)", self.config.ray_address, cause, when)
         self._retry = min(2 * self._retry, MAX_RETRY)
         self._tell("broken", f"can't join the Ray cluster at {self.config.ray_address}: {cause}")
 
