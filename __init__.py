@@ -22,4 +22,5 @@ if _os.sep in __name__:  # NOTE: ComfyUI's nodes.load_custom_node names a folder
         WEB_DIRECTORY = "./web"  # the status panel (a sidebar tab): web/xdit_status.js
 else:  # imported by name from the folder above: be the runtime package (its submodules come from there)
     __path__ = [_os.path.join(_here, "comfy_xdit_patch")]
-    exec(compile(open(_os.path.join(__path__[0], "__init__.py")).read(), __path__[0], "exec"))
+    with open(_os.path.join(__path__[0], "__init__.py")) as _f:
+        exec(compile(_f.read(), _f.name, "exec"))

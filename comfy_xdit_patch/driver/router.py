@@ -26,8 +26,8 @@ from ..errors import ClusterUnreachable, GroupBroken, LayoutError, Unroutable, c
 from ..wire.mesh import choose_mesh, spanning
 from . import last_run, prestart
 from .calls import check
-from .models import spec_for
 from .life import GroupLife
+from .models import spec_for
 from .tuning import ChunkTuner
 
 log = logging.getLogger("comfy_xdit_patch")
