@@ -37,22 +37,27 @@ def _sets(module: str, cls: str, attribute: str) -> bool:
     return attribute in _attr(module, f"{cls}.__init__").__code__.co_names
 
 
+def _has(name: str):
+    """An attribute named "module.path:attribute.path"."""
+    module, _, path = name.partition(":")
+    return _attr(module, path)
+
+
 # (what the log line names, how to tell it is there)
 SEAMS = (
     ("comfy.patcher_extension.WrappersMP.OUTER_SAMPLE/SAMPLER_SAMPLE/DIFFUSION_MODEL",
-     lambda: all(hasattr(_attr("comfy.patcher_extension", "WrappersMP"), k)
-                 for k in ("OUTER_SAMPLE", "SAMPLER_SAMPLE", "DIFFUSION_MODEL"))),
-    ("comfy.patcher_extension.add_wrapper_with_key", lambda: _attr("comfy.patcher_extension", "add_wrapper_with_key")),
-    ("comfy.samplers.CFGGuider.sample", lambda: _attr("comfy.samplers", "CFGGuider.sample")),
-    ("comfy.model_patcher.create_model_options_clone", lambda: _attr("comfy.model_patcher", "create_model_options_clone")),
-    ("comfy.model_management.load_models_gpu", lambda: _attr("comfy.model_management", "load_models_gpu")),
-    ("comfy.model_management.unload_model_and_clones",
-     lambda: _attr("comfy.model_management", "unload_model_and_clones")),
+     lambda: all(_has(f"comfy.patcher_extension:WrappersMP.{k}") for k in ("OUTER_SAMPLE", "SAMPLER_SAMPLE",
+                                                                              "DIFFUSION_MODEL"))),
+    ("comfy.patcher_extension.add_wrapper_with_key", lambda: _has("comfy.patcher_extension:add_wrapper_with_key")),
+    ("comfy.samplers.CFGGuider.sample", lambda: _has("comfy.samplers:CFGGuider.sample")),
+    ("comfy.model_patcher.create_model_options_clone", lambda: _has("comfy.model_patcher:create_model_options_clone")),
+    ("comfy.model_management.load_models_gpu", lambda: _has("comfy.model_management:load_models_gpu")),
+    ("comfy.model_management.unload_model_and_clones", lambda: _has("comfy.model_management:unload_model_and_clones")),
     ("ModelPatcher.cached_patcher_init", lambda: _sets("comfy.model_patcher", "ModelPatcher", "cached_patcher_init")),
     ("execution.get_output_data(v3_data=)", lambda: _takes("execution", "get_output_data", "v3_data")),
     ("transformer_options['optimized_attention_override']",
-     lambda: _attr("comfy.ldm.modules.attention", "wrap_attn") and _takes("comfy.ldm.flux.math", "attention",
-                                                                          "transformer_options")),
+     lambda: _has("comfy.ldm.modules.attention:wrap_attn") and _takes("comfy.ldm.flux.math", "attention",
+                                                                      "transformer_options")),
 )
 
 
@@ -62,7 +67,7 @@ def missing() -> list[str]:
     for name, present in SEAMS:
         try:
             ok = bool(present())
-        except (ImportError, AttributeError, TypeError, ValueError):
+        except Exception:  # a check that fails to run: that seam is not usable either
             ok = False
         if not ok:
             lacking.append(name)
