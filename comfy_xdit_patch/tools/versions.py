@@ -5,23 +5,23 @@
 
 For each TREE that holds a ComfyUI, the CPU equivalence subset (SUBSET) runs with COMFYUI_PATH=TREE, one
 tree at a time, and a row gives ComfyUI's version, commit, commit date and the result:
-- "routed, equal": every test passed (each compares routed images with ComfyUI's own);
+- "routed, equal": every test passed (they compare routed images with ComfyUI's own);
 - "stepped aside: lacks ...": the plugin found seams missing (seams.py), attached nothing, and
   tests/test_seams.py checked that ComfyUI runs as shipped with one log line;
 - "FAILED: ...": a test failed, i.e. ComfyUI broke or an image differed (or the subset could not run);
 - "skipped: ...": no ComfyUI at TREE.
 Exits 1 if any tree FAILED, else 0.
 
-The commit and date come from `git -C TREE` when TREE is the top of a git checkout, else from the stamp
-file TREE/.comfyui-commit (one line: "<sha> <ISO 8601 date>"), which --export writes; else "unknown".
---export writes commit REV of a git directory (a bare mirror will do; blobs it lacks are skipped and
-listed: FLUX needs none of ComfyUI's tokenizer files) into DEST, with that stamp. Standard library only.
+Commit and date: `git -C TREE` when TREE is the top of a git checkout, else the stamp file
+TREE/.comfyui-commit ("<sha> <ISO 8601 date>"), else "unknown". --export writes commit REV of a git
+directory (a bare mirror will do; blobs it lacks are skipped and listed) into DEST, with that stamp.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -34,7 +34,10 @@ ASIDE = re.compile(r"steps aside on this ComfyUI: this ComfyUI lacks (.+?) \(com
 
 
 def _git(*args: str) -> str | None:
-    out = subprocess.run(["git", *args], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True)
+    except OSError:  # no git
+        return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
@@ -81,11 +84,15 @@ def check(tree: str, python: str, timeout: float) -> tuple[str, bool]:
         return f"skipped: no ComfyUI at {tree}", True
     env = dict(os.environ, COMFYUI_PATH=os.path.abspath(tree))
     cmd = [python, "-m", "pytest", *SUBSET, "-x", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a timeout ends its ranks too
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return f"FAILED: still running after {timeout:.0f} s", False
-    return classify(done.returncode, done.stdout + done.stderr)
+    return classify(proc.returncode, output)
 
 
 def export(gitdir: str, rev: str, dest: str) -> list[str]:
@@ -101,8 +108,8 @@ def export(gitdir: str, rev: str, dest: str) -> list[str]:
     for entry in filter(None, listing.split(b"\0")):
         meta, path = entry.split(b"\t", 1)
         mode, kind, sha = meta.split()
-        if kind != b"blob":
-            continue  # submodules
+        if kind != b"blob":  # submodules (ComfyUI has none, nor symbolic links)
+            continue
         cat.stdin.write(sha + b"\n")
         cat.stdin.flush()
         header = cat.stdout.readline().split()
@@ -113,9 +120,6 @@ def export(gitdir: str, rev: str, dest: str) -> list[str]:
         cat.stdout.read(1)
         target = os.path.join(dest, path.decode())
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        if mode == b"120000":
-            os.symlink(data.decode(), target)
-            continue
         with open(target, "wb") as f:
             f.write(data)
         if mode == b"100755":
