@@ -58,12 +58,13 @@ def test_this_comfyui_is_routed_or_left_as_shipped(start_up):
 
 
 def test_a_missing_seam_is_named_and_nothing_is_attached(start_up, monkeypatch):
-    monkeypatch.delattr(comfy.model_management, "unload_model_and_clones", raising=False)
-    lacking = seams.missing()
-    assert "comfy.model_management.unload_model_and_clones" in lacking
-    with pytest.raises(seams.Missing, match=seams.OLDEST):
-        patch.install(None)
-    _stepped_aside(*start_up(), lacking)
+    with monkeypatch.context() as m:  # put back before start_up's teardown reattaches a session plugin
+        m.delattr(comfy.model_management, "unload_model_and_clones", raising=False)
+        lacking = seams.missing()
+        assert "comfy.model_management.unload_model_and_clones" in lacking
+        with pytest.raises(seams.Missing, match=seams.OLDEST):
+            patch.install(None)
+        _stepped_aside(*start_up(), lacking)
 
 
 def test_a_group_started_early_is_stopped(start_up, monkeypatch):
@@ -80,6 +81,7 @@ def test_a_group_started_early_is_stopped(start_up, monkeypatch):
 
     monkeypatch.setattr(early, "take", lambda config: Started())
     monkeypatch.setattr(cluster, "started_here", lambda: False)  # the session's own Ray is left alone
-    monkeypatch.delattr(comfy.model_management, "unload_model_and_clones", raising=False)
-    start_up()
+    with monkeypatch.context() as m:
+        m.delattr(comfy.model_management, "unload_model_and_clones", raising=False)
+        start_up()
     assert stopped.wait(10) and calls == ["cancel", "wait", "shutdown"]
