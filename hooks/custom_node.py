@@ -50,6 +50,33 @@ def _serve_status(status) -> None:
         log.warning("comfy_xdit_patch: no status page (%s: %s)", type(e).__name__, e)
 
 
+def _drop_early_start(config) -> None:
+    """The worker group prestartup_script.py began, if any, is cancelled, and the private Ray started with it
+    shut down once that start has ended (in the background: ComfyUI goes on loading)."""
+    import threading
+
+    from comfy_xdit_patch.driver import prestart as early
+    from comfy_xdit_patch.group import cluster
+
+    started = early.take(config)
+    if started is None:
+        return
+    started.cancel()
+
+    def stop():
+        try:
+            started.wait()
+        except BaseException:  # the cancel itself, or the start's own failure: nothing to report
+            pass
+        started.shutdown()
+        if cluster.started_here():
+            import ray
+
+            ray.shutdown()
+
+    threading.Thread(target=stop, name="comfy-xdit-stop", daemon=True).start()
+
+
 def _attach(status):
     from comfy_xdit_patch import config as cfg
 
@@ -71,9 +98,15 @@ def _attach(status):
     except ImportError as e:
         log.error("comfy_xdit_patch: off, a dependency is missing (%s); run: python install.py", e)
         return status.plugin_off(f"a dependency is missing ({e}); run: python install.py", config)
+    from comfy_xdit_patch.driver import seams
     from comfy_xdit_patch.driver import patch
 
-    router = patch.install(config)
+    try:
+        router = patch.install(config)
+    except seams.Missing as e:  # an older (or changed) ComfyUI: nothing attached, it runs as shipped
+        log.warning("comfy_xdit_patch: off, %s; ComfyUI runs as without the plugin", e)
+        _drop_early_start(config)
+        return status.plugin_off(str(e), config)
     status.attach(router)
     if config.prestart:
         router.prestart()

@@ -57,9 +57,13 @@ def config():
 @pytest.fixture(scope="session")
 def router(config):
     """The plugin, attached for the session; tests detach it with `unrouted()` for references."""
+    from comfy_xdit_patch.driver import seams
     from comfy_xdit_patch.driver import patch
 
-    r = patch.install(config)
+    try:
+        r = patch.install(config)
+    except seams.Missing as e:  # an older ComfyUI: tests/test_seams.py checks that it is left as shipped
+        pytest.skip(f"comfy_xdit_patch steps aside on this ComfyUI: {e}")
     yield r
     patch.uninstall()
 

@@ -46,13 +46,19 @@ def _owner(module_name: str, path: str):
 
 
 def install(config: Config, router=None):
-    """Attach to ComfyUI (idempotent). Returns the Router; pass one back to reuse its worker group."""
+    """Attach to ComfyUI (idempotent). Returns the Router; pass one back to reuse its worker group.
+    Raises seams.Missing, attaching nothing, on a ComfyUI that lacks what the plugin hooks into."""
     global _router
-    from .router import Router
+    from . import seams
 
     with _lock:
         if _router is not None:
             return _router
+        lacking = seams.missing()
+        if lacking:
+            raise seams.Missing(lacking)
+        from .router import Router  # after the check: it imports ComfyUI modules an old ComfyUI lacks
+
         router = router or Router(config, on_disable=uninstall)
         for module_name, path, method in _TARGETS:
             owner, attr = _owner(module_name, path)

@@ -17,14 +17,6 @@ FLUX_HEADS = 24  # FLUX.1 [dev]/[schnell]: 24 attention heads of 128
 FLUX_1024_TOKENS = (1024 // 16) ** 2 + 512  # image tokens (2x2 patches of the 8x latent) + T5 tokens
 SHM_LOW = 2 * 2**30  # Ray's object store and the ranks' shared request memory live in /dev/shm
 
-# the ComfyUI seams the plugin enters through (patch.py, router.py)
-SEAMS = (
-    ("comfy.patcher_extension", "WrappersMP.OUTER_SAMPLE"),
-    ("comfy.patcher_extension", "WrappersMP.SAMPLER_SAMPLE"),
-    ("comfy.patcher_extension", "WrappersMP.DIFFUSION_MODEL"),
-    ("comfy.samplers", "CFGGuider.sample"),
-    ("comfy.model_management", "load_models_gpu"),
-)
 
 
 @dataclasses.dataclass
@@ -46,13 +38,6 @@ class Report:
             print(f"       {line}")
 
 
-def _resolve(module: str, path: str):
-    obj = importlib.import_module(module)
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def check_comfyui(r: Report, gpu: bool) -> bool:
     from .. import locate
 
@@ -68,17 +53,14 @@ def check_comfyui(r: Report, gpu: bool) -> bool:
     except ImportError:
         version = "unknown version"
     r.ok("ComfyUI", f"{version} at {root}")
-    missing = []
-    for module, path in SEAMS:
-        try:
-            _resolve(module, path)
-        except (ImportError, AttributeError) as e:
-            missing.append(f"{module}.{path} ({type(e).__name__}: {e})")
+    from ..driver import seams  # the plugin's own check: it steps aside where one is missing
+
+    missing = seams.missing()
     if missing:
-        r.problem("ComfyUI seams", "missing: " + "; ".join(missing),
-                  "this ComfyUI is older or newer than the plugin knows; update ComfyUI (git pull) or the plugin")
+        r.problem("ComfyUI seams", "missing: " + "; ".join(missing) + " (the plugin stays off)",
+                  f"update ComfyUI to {seams.OLDEST} or newer (git pull), or the plugin if ComfyUI is newer")
     else:
-        r.ok("ComfyUI seams", ", ".join(f"{m.split('.')[-1]}.{p}" for m, p in SEAMS))
+        r.ok("ComfyUI seams", ", ".join(name for name, _ in seams.SEAMS))
     return True
 
 

@@ -6,6 +6,7 @@ detects the files as what they imitate: FLUX.1-dev (11.9 B parameters), a tiny F
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -17,6 +18,12 @@ FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=
 TINY_CONTEXT_DIM = 32
 
 
+def _fields(params_cls, params: dict) -> dict:
+    """`params` less the keys this ComfyUI's params dataclass doesn't have (older ones lack txt_ids_dims)."""
+    known = {f.name for f in dataclasses.fields(params_cls)}
+    return {k: v for k, v in params.items() if k in known}
+
+
 def tiny_flux(heads: int = 2, depth: int = 1, single: int = 2, context_dim: int = TINY_CONTEXT_DIM,
               seed: int = 0, **overrides) -> dict:
     """A FLUX-dev-shaped model small enough for a CPU, with torch's default initialisation (fp32)."""
@@ -26,7 +33,7 @@ def tiny_flux(heads: int = 2, depth: int = 1, single: int = 2, context_dim: int 
                   context_in_dim=context_dim)
     params.update(overrides)
     torch.manual_seed(seed)
-    model = flux.Flux(**params, operations=torch.nn)
+    model = flux.Flux(**_fields(flux.FluxParams, params), operations=torch.nn)
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
@@ -36,7 +43,7 @@ def flux_dev(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0) -> dict:
     import comfy.ops
 
     with torch.device("meta"):
-        meta = flux.Flux(**FLUX_DEV, operations=comfy.ops.disable_weight_init)
+        meta = flux.Flux(**_fields(flux.FluxParams, FLUX_DEV), operations=comfy.ops.disable_weight_init)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, t in meta.state_dict().items():
@@ -91,11 +98,12 @@ def tiny_controlnet(heads: int = 2, depth: int = 1, single: int = 1, context_dim
                     seed: int = 0) -> dict:
     """An XLabs-format Flux ControlNet (image hint), detected by ComfyUI's ControlNetLoader."""
     import comfy.ldm.flux.controlnet as cn
+    import comfy.ldm.flux.model as flux
 
     params = dict(FLUX_DEV, hidden_size=128 * heads, num_heads=heads, depth=depth, depth_single_blocks=single,
                   context_in_dim=context_dim)
     torch.manual_seed(seed)
-    model = cn.ControlNetFlux(operations=torch.nn, **params)
+    model = cn.ControlNetFlux(operations=torch.nn, **_fields(flux.FluxParams, params))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # the released XLabs files name RMSNorm weights "scale", which is how ComfyUI recognises them
     return {(k[: -len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
@@ -107,10 +115,11 @@ def tiny_chroma(depth: int = 1, single: int = 1, context_dim: int = TINY_CONTEXT
     import comfy.ldm.chroma.model as chroma
 
     torch.manual_seed(seed)
-    model = chroma.Chroma(in_channels=64, out_channels=64, context_in_dim=context_dim, hidden_size=3072,
-                          mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
-                          theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
-                          n_layers=5, txt_ids_dims=[], vec_in_dim=None, operations=torch.nn)
+    params = dict(in_channels=64, out_channels=64, context_in_dim=context_dim, hidden_size=3072, mlp_ratio=4.0,
+                  num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10000,
+                  patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
+                  txt_ids_dims=[], vec_in_dim=None)
+    model = chroma.Chroma(**_fields(chroma.ChromaParams, params), operations=torch.nn)
     return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
 
 
