@@ -91,18 +91,21 @@ def test_lora(routed_all, wan_file, tmp_path):
     assert (out_lora - out_plain).abs().max() > 1e-3  # the ranks applied the LoRA, and dropped it again
 
 
-def test_image_to_video_with_clip_vision(routed_all, router, wan_file, monkeypatch):
-    """Wan 2.1 I2V: WanImageToVideo (start image through a tiny Wan VAE, CLIP-vision output), CFG 3.5 with the
-    sequence split: the video queries attend the CLIP-image and text tokens whole."""
+@pytest.mark.parametrize("layout", ["2.1-i2v", "2.2-a14b-i2v"])
+def test_image_to_video(routed_all, router, wan_file, monkeypatch, layout):
+    """WanImageToVideo (start image through a tiny Wan VAE; Wan 2.1 I2V also with a CLIP-vision output), CFG 3.5
+    with the sequence split: the video queries attend the CLIP-image and text tokens whole."""
     import comfy.clip_vision
 
     monkeypatch.setattr(router, "config", dataclasses.replace(router.config, parallel=Mesh(ulysses=2)))
-    model = load(wan_file("2.1-i2v"))
-    assert type(model.model.model_config).__name__ == "WAN21_I2V"
+    model = load(wan_file(layout))
     vae = comfy.sd.VAE(sd=synthetic_wan.tiny_wan_vae())
-    clip_vision = comfy.clip_vision.Output()
-    clip_vision.penultimate_hidden_states = torch.randn(1, 257, synthetic_wan.CLIP_DIM,
-                                                        generator=torch.Generator().manual_seed(5))
+    clip_vision = None
+    if layout == "2.1-i2v":
+        assert type(model.model.model_config).__name__ == "WAN21_I2V"
+        clip_vision = comfy.clip_vision.Output()
+        clip_vision.penultimate_hidden_states = torch.randn(1, 257, synthetic_wan.CLIP_DIM,
+                                                            generator=torch.Generator().manual_seed(5))
     image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(6))
     pos, neg, latent = node(nodes_wan.WanImageToVideo, positive=text(1), negative=text(2), vae=vae, width=80,
                             height=48, length=17, batch_size=1, start_image=image, clip_vision_output=clip_vision)
