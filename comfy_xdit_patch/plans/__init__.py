@@ -1,14 +1,17 @@
-"""Per-model-family knowledge, kept declarative: one Plan per family (plans/flux.py), and the registry.
+"""Per-model-family knowledge, kept declarative: one Plan per family (plans/flux.py, plans/wan.py), and the registry.
 
-A Plan names the method where a model's token sequence is entered (its inputs are split there), the
-text/image streams and their position ids, which output is gathered, and which inputs the workers
-must refuse. Both processes read plans: ComfyUI's side checks a call against one (driver/calls.py), a
-rank applies one to run its share of the call (rank/sharding.py). Imports no torch.
+A Plan names where a model's token sequence is split (the method where it is entered, with the text/image
+streams and their position ids, or the seam around its blocks), which output is gathered, which attention
+keeps its keys whole, and which inputs the workers must refuse. Both processes read plans: ComfyUI's side
+checks a call against one (driver/calls.py), a rank applies one to run its share of the call
+(rank/sharding.py). Imports no torch.
 """
 from __future__ import annotations
 
-from .flux import PLANS
-from .plan import Plan, bind, head_count
+from . import flux, wan
+from .plan import BlockSeam, Plan, bind, head_count
+
+PLANS = flux.PLANS + wan.PLANS
 
 
 def by_family(family: str) -> Plan:
@@ -23,4 +26,4 @@ def plan_for(diffusion_model) -> Plan | None:
     return None
 
 
-__all__ = ["Plan", "PLANS", "by_family", "plan_for", "head_count", "bind"]
+__all__ = ["Plan", "BlockSeam", "PLANS", "by_family", "plan_for", "head_count", "bind"]

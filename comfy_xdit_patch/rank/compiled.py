@@ -16,6 +16,8 @@ import logging
 import torch
 from torch.utils._triton import has_triton
 
+from .attention import heads_first
+
 log = logging.getLogger(__name__)
 
 _current: dict = {}  # "override": this rank's attention override for the call running now
@@ -34,11 +36,13 @@ def _(q, k, v, heads):
     return q.new_empty(b, length, heads * d)
 
 
-def _opaque_override(func, q, k, v, heads, *args, skip_reshape=False, mask=None, **kwargs):
-    """What the compiled blocks see as transformer_options['optimized_attention_override']."""
+def _opaque(func, q, k, v, heads, *args, skip_reshape=False, mask=None, **kwargs):
     if args or not skip_reshape or mask is not None:
         raise RuntimeError("compiled sequence-parallel attention needs (B,H,L,D) q/k/v and no mask")
     return torch.ops.comfy_xdit.sp_attention(q, k, v, heads)
+
+
+_opaque_override = heads_first(_opaque)  # what the compiled blocks see as the attention override
 
 
 def routed(attention):

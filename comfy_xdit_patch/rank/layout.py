@@ -1,4 +1,5 @@
-"""How one joint sequence [txt; img] is shared out among the ranks of a sequence-parallel group.
+"""How one joint sequence [txt; img] (or one stream alone, e.g. Wan's video tokens) is shared out among the
+ranks of a sequence-parallel group.
 
 Every rank gets a contiguous piece of the text tokens and a contiguous piece of the image tokens,
 and all ranks hold the same number of tokens (`Shard.tokens`), so the all-to-all is even. When the total
@@ -32,12 +33,12 @@ class Shard:
 
 
 def split(txt_total: int, img_total: int, world: int) -> list[Shard]:
-    """Share txt_total text and img_total image tokens out among `world` ranks."""
+    """Share txt_total text and img_total image tokens out among `world` ranks (txt_total 0: one stream)."""
     total = txt_total + img_total
     per_rank = -(-total // world)
     # NOTE: every rank needs >= 1 text and >= 1 image token: ComfyUI's blocks reshape each stream
     # with view(..., -1), which fails on an empty piece.
-    if txt_total < world or img_total < world:
+    if 0 < txt_total < world or img_total < world:
         raise LayoutError(f"{txt_total} text / {img_total} image tokens can't be split over {world} ranks")
     txt_sizes = [txt_total // world + (1 if r < txt_total % world else 0) for r in range(world)]
     img_sizes = [per_rank - t for t in txt_sizes[:-1]]
@@ -77,6 +78,21 @@ def take_prefix(t: torch.Tensor, span: tuple[int, int], length: int, dim: int = 
     shape = list(piece.shape)
     shape[dim] = missing
     return torch.cat([piece, piece.new_zeros(shape)], dim=dim)
+
+
+def take_rows(rows: torch.Tensor, tokens: int, span: tuple[int, int], pad: int, repeat) -> torch.Tensor:
+    """The rows of `rows` (B, R, ...) that tokens span[0]:span[1] of `tokens` use, followed by `pad` rows for
+    filler; `repeat(rows, x)` is the model's own way of dealing R rows out over x's tokens (dim 1). One row
+    (R == 1) serves every token and is kept as it is; the blocks' own repeat then leaves this rank's rows,
+    one per token, as they are."""
+    if rows.shape[1] == 1:
+        return rows
+    # NOTE: made on the rows' device: no host-to-device copy inside a CUDA graph capture
+    rows_index = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
+    index = repeat(rows_index, rows_index.new_empty(1, tokens, 0))[0, span[0]:span[1]]
+    if pad:
+        index = torch.cat([index, index[-1:].expand(pad)])  # filler takes a real row: finite, and dropped
+    return rows.index_select(1, index)
 
 
 def gather(local: torch.Tensor, shards: list[Shard], rank: int, group, dim: int = 1) -> torch.Tensor:

@@ -59,12 +59,24 @@ def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto", exchange=Non
 
     def make(shard: Shard, chunks: int = 1):
         if usp_attn is not None and shard.pad == 0:
-            return usp_attn.override
+            return heads_first(usp_attn.override)
         if mesh.ring > 1:
             raise LayoutError(f"{shard.total} tokens don't divide over {mesh.sp} ranks: a ring can't drop filler"
                               if usp_attn is not None else "ring > 1 needs yunchang on CUDA")
         if backend == "gather":
-            return gather.make_override(exchange, mesh.sp, shard.total, chunks)
-        return ulysses.make_override(exchange, mesh.sp, shard.total, chunks)
+            return heads_first(gather.make_override(exchange, mesh.sp, shard.total, chunks))
+        return heads_first(ulysses.make_override(exchange, mesh.sp, shard.total, chunks))
 
     return make
+
+
+def heads_first(override: Callable) -> Callable:
+    """The override as ComfyUI calls it from any model: FLUX hands q/k/v as (B, H, L, D) after RoPE
+    (skip_reshape=True), Wan as (B, L, H*D); the backends take the first. The output is (B, L, H*D) either way."""
+
+    def call(func, q, k, v, heads, *args, skip_reshape=False, **kwargs):
+        if not skip_reshape:
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        return override(func, q, k, v, heads, *args, skip_reshape=True, **kwargs)
+
+    return call
