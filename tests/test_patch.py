@@ -70,13 +70,14 @@ def test_bad_value_leaves_comfyui_unpatched_with_one_message(hook, caplog, var, 
     assert len(lines) == 1 and var in lines[0] and "accepted" in lines[0]
 
 
-def test_only_flux_family_models_have_a_plan():
+def test_only_the_families_with_a_plan_are_routed():
     import comfy.ldm.flux.model as flux
     import comfy.ldm.modules.diffusionmodules.openaimodel as unet
     import comfy.ldm.wan.model as wan
 
     assert plans.plan_for(object.__new__(flux.Flux)).family == "flux"
-    for other in (unet.UNetModel, wan.WanModel):  # SDXL/SD1.5, Wan
+    assert plans.plan_for(object.__new__(wan.WanModel)).family == "wan"
+    for other in (unet.UNetModel, wan.VaceWanModel):  # SDXL/SD1.5; a Wan variant with inputs of its own
         assert plans.plan_for(object.__new__(other)) is None
 
 
