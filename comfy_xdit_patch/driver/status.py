@@ -117,7 +117,9 @@ def _ask_ranks(group) -> None:
         # NOTE: straight to the channel, not group.request: that one also takes ComfyUI's interrupt flag,
         # which belongs to the prompt's thread, not to this web request.
         channel = group.channel
-        replies = channel.request("stats", False, all_reply=True, timeout=10, alive=group.check_alive)
+        from ..wire.messages import Stats
+
+        replies = channel.request("stats", Stats(), all_reply=True, timeout=10, alive=group.check_alive)
         _plugin.ranks, _plugin.ranks_of = [replies[r] for r in range(group.world)], group
         _plugin.ranks_at, _plugin.ranks_error = time.time(), None
     except Exception as e:  # a dying group: the router finds out on its next call and falls back
