@@ -1,17 +1,17 @@
-"""FLUX.2 workflows as a table, one line per case: (layout, workflow) -> a function of the loaded model that
-returns the final latent. test_flux2.py runs them on the session's ranks, test_weights.py with the weights
+"""FLUX.2 workflows as a table, one line per case: (layout, workflow) -> a function of the loaded model (and the
+name of a LoRA made for its file) that returns the final latent. test_flux2.py runs them on the session's ranks, test_weights.py with the weights
 sharded across 2 and 3 ranks."""
 from __future__ import annotations
 
-import nodes
 import torch
+
+from conftest import ksample, node  # noqa: I001  (first: it sets ComfyUI's CPU mode, also in spawned ranks)
+import nodes
 from comfy_extras import nodes_edit_model, nodes_flux
 
 import tiny
-from conftest import ksample, node
 
 LAYOUTS = ("dev", "klein")  # klein: no guidance embedding
-LORA = "tiny_flux2_{layout}_lora.safetensors"
 
 
 def latent(w: int = 64, h: int = 48, batch: int = 1) -> dict:
@@ -33,28 +33,28 @@ def conditioning(layout: str, seed: int, refs: tuple = ()):
     return cond
 
 
-def t2i(model, layout, cfg=1.0, refs=(), batch=1):
+def t2i(model, layout, lora=None, cfg=1.0, refs=(), batch=1):
     return ksample(model, conditioning(layout, 1, refs), conditioning(layout, 2), latent(batch=batch), cfg=cfg)
 
 
-def with_lora(model, layout, strength=1.0):
-    (patched,) = node(nodes.LoraLoaderModelOnly, model=model, lora_name=LORA.format(layout=layout),
-                      strength_model=strength)
+def with_lora(model, layout, lora, strength=1.0):
+    (patched,) = node(nodes.LoraLoaderModelOnly, model=model, lora_name=lora, strength_model=strength)
     return t2i(patched, layout)
 
 
-# workflow -> fn(model, layout); multi-reference: two references of other sizes than the 64 x 48 image
+# workflow -> fn(model, layout, lora); multi-reference: two references of other sizes than the 64 x 48 image
 WORKFLOWS = {
     "text_to_image": t2i,
-    "cfg": lambda model, layout: t2i(model, layout, cfg=3.5),
-    "multi_reference": lambda model, layout: t2i(model, layout, refs=((32, 48), (64, 32))),
-    "multi_reference_cfg": lambda model, layout: t2i(model, layout, cfg=2.5, refs=((48, 48), (32, 16))),
+    "cfg": lambda model, layout, lora: t2i(model, layout, cfg=3.5),
+    "multi_reference": lambda model, layout, lora: t2i(model, layout, refs=((32, 48), (64, 32))),
+    "multi_reference_cfg": lambda model, layout, lora: t2i(model, layout, cfg=2.5, refs=((48, 48), (32, 16))),
     "lora": with_lora,
 }
 CASES = [(layout, name) for layout in LAYOUTS for name in WORKFLOWS]
 
 
-def make_lora(folder: str, model_file: str, layout: str) -> None:
+def make_lora(folder: str, model_file: str, seed: int = 3) -> str:
+    """A LoRA for `model_file`'s layers, in ComfyUI's lora folder: its name."""
     import os
 
     import comfy.utils
@@ -63,10 +63,11 @@ def make_lora(folder: str, model_file: str, layout: str) -> None:
     from comfy_xdit_patch.tools import synthetic
 
     folder_paths.add_model_folder_path("loras", folder)
-    path = os.path.join(folder, LORA.format(layout=layout))
-    if not os.path.exists(path):
+    name = f"{os.path.basename(model_file).rsplit('.', 1)[0]}_lora{seed}.safetensors"
+    if not os.path.exists(os.path.join(folder, name)):
         sd = comfy.utils.load_torch_file(model_file)
-        synthetic.save(synthetic.lora(sd, rank=4, seed=3, scale=0.1), path)
+        synthetic.save(synthetic.lora(sd, rank=4, seed=seed, scale=0.1), os.path.join(folder, name))
+    return name
 
 
 def execute(cls, **inputs):
@@ -80,9 +81,9 @@ def execute(cls, **inputs):
     return tuple(o[0] for o in output)
 
 
-def quantized_files(folder: str, model_file: str, layout: str, gguf: bool) -> dict:
-    """The tiny FLUX.2 as the files people run: fp8 mixed precision (comfy_quant, like flux2_dev_fp8mixed) and,
-    with ComfyUI-GGUF, Q8_0 / Q4_K GGUF. name -> file name in `folder` (registered for diffusion models)."""
+def quantized_files(folder: str, model_file: str, gguf: bool) -> dict:
+    """`model_file` as the files people run: fp8 mixed precision (comfy_quant, like flux2_dev_fp8mixed) and, with
+    ComfyUI-GGUF, Q8_0 / Q4_K GGUF. kind -> file name in `folder` (registered for diffusion models)."""
     import os
 
     import comfy.utils
@@ -91,12 +92,44 @@ def quantized_files(folder: str, model_file: str, layout: str, gguf: bool) -> di
     from comfy_xdit_patch.tools import synthetic
 
     folder_paths.add_model_folder_path("diffusion_models", folder)
+    base = os.path.basename(model_file).rsplit(".", 1)[0]
     sd = comfy.utils.load_torch_file(model_file)
-    names = {"fp8mixed": f"tiny_flux2_{layout}_fp8mixed.safetensors"}
+    names = {"fp8mixed": f"{base}_fp8mixed.safetensors"}
     if not os.path.exists(os.path.join(folder, names["fp8mixed"])):
         synthetic.save(synthetic.scaled_fp8(sd, "comfy_quant"), os.path.join(folder, names["fp8mixed"]))
     for qtype in ("Q8_0", "Q4_K") if gguf else ():
-        names[qtype] = f"tiny_flux2_{layout}_{qtype}.gguf"
+        names[qtype] = f"{base}_{qtype}.gguf"
         if not os.path.exists(os.path.join(folder, names[qtype])):
             synthetic.save_gguf(sd, os.path.join(folder, names[qtype]), qtype)
     return names
+
+
+def load(kind: str, model_file: str, folder: str, gguf_loader=None):
+    """The tiny FLUX.2 through a stock loader: "fp8_e4m3fn" (UNETLoader storing fp8), "fp8mixed", "Q8_0",
+    "Q4_K" (ComfyUI-GGUF's UnetLoaderGGUF). Run under inference mode, as ComfyUI's executor runs nodes."""
+    import os
+
+    names = quantized_files(folder, model_file, gguf=gguf_loader is not None)
+    if kind == "fp8_e4m3fn":
+        (model,) = execute(nodes.UNETLoader, unet_name=os.path.basename(model_file), weight_dtype="fp8_e4m3fn")
+    elif kind == "fp8mixed":
+        (model,) = execute(nodes.UNETLoader, unet_name=names[kind], weight_dtype="default")
+    else:
+        (model,) = execute(gguf_loader, unet_name=names[kind])
+    assert type(model.model).__name__ == "Flux2"
+    return model
+
+
+def gguf_loader():
+    """ComfyUI-GGUF's UnetLoaderGGUF, loaded as ComfyUI loads custom nodes; None where there is no checkout."""
+    import asyncio
+    import importlib.util
+
+    from comfy_xdit_patch import locate
+
+    path = locate.find_comfyui_gguf()
+    if path is None or importlib.util.find_spec("gguf") is None:
+        return None
+    if "UnetLoaderGGUF" not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(path))
+    return nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]
