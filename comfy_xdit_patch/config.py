@@ -62,6 +62,7 @@ class Config:
     prestart: bool
     remember_last: bool  # the last run's model and first call are kept for the next process
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
+    shard_weights: str  # "auto" | "on" | "off": ranks keep 1/N of each block's weights (rank/weights.py)
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -179,6 +180,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
+    EnvVar("COMFY_XDIT_SHARD_WEIGHTS", "auto",
+           "`on`: each rank keeps 1/N of every transformer block's weights and gathers a block while the one "
+           "before it computes (for models a GPU can't hold whole); `off`: a full copy per rank; `auto`: on "
+           "where a rank's GPU can't hold a full copy plus a 1024² run (off on CPU).",
+           _choice("auto", "on", "off")),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
            "`1`: each rank compiles the FLUX blocks (torch.compile) at each new resolution (~6 s on an "
            "H200); `0`: as in ComfyUI.", _bool),
@@ -300,6 +306,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         prestart=val.get("COMFY_XDIT_PRESTART", True),
         remember_last=val.get("COMFY_XDIT_REMEMBER", True),
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
+        shard_weights=val.get("COMFY_XDIT_SHARD_WEIGHTS", "auto"),
         gpus=gpus,
     )
 
