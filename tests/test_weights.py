@@ -53,10 +53,7 @@ def _shard_case(rank, world, kinds, path, folder, gguf_path):
         for kind in kinds:
             patcher = _load(kind, path, folder, gguf_path)
             mm.load_models_gpu([patcher], force_full_load=True)
-            g = torch.Generator().manual_seed(0)
-            x, ctx = torch.randn(1, 128, 3, 4, generator=g), torch.randn(1, 16, 32, generator=g)
-            run = lambda: patcher.model.apply_model(x, torch.tensor([0.5]), c_crossattn=ctx,  # noqa: E731
-                                                    guidance=torch.tensor([3.5]))
+            run = lambda: run_once(patcher)  # noqa: E731
             whole = run()
             weights = RankWeights("on", rank, world, torch.device("cpu"))
             weights.after_load("spec", patcher, BLOCKS)
@@ -68,6 +65,26 @@ def _shard_case(rank, world, kinds, path, folder, gguf_path):
             assert stats["gathers"] == 2 * stats["blocks"], kind  # one gather per block per call
             weights.forget(patcher.model.diffusion_model)
             mm.unload_model_and_clones(patcher)
+        # auto on GPUs: ranks decide alone (here rank 0 only), then agree at the first call; any rank sharding
+        # makes all shard
+        patcher = _load("default", path, folder, gguf_path)
+        mm.load_models_gpu([patcher], force_full_load=True)
+        whole = run_once(patcher)
+        weights = RankWeights("auto", rank, world, torch.device("cpu"))
+        weights._wanted = lambda _: rank == 0
+        weights.after_load("spec", patcher, BLOCKS)
+        weights.unsettled = True  # as after_load sets it on GPUs
+        assert weights.stats()["sharded"] == (rank == 0)
+        weights.settle()
+        with weights.call("spec"):
+            assert torch.equal(run_once(patcher), whole)
+        assert_share(weights.stats(), world)
+
+
+def run_once(patcher):
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 128, 3, 4, generator=g), torch.randn(1, 16, 32, generator=g)
+    return patcher.model.apply_model(x, torch.tensor([0.5]), c_crossattn=ctx, guidance=torch.tensor([3.5]))
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
@@ -83,6 +100,18 @@ def test_blocks_shared_bit_exact_for_every_tensor_kind(world, flux2_file, models
         kinds.append("Q8_0")
     flux2_cases.quantized_files(models_dir, path, gguf=len(kinds) == 4)
     ranks.run(_shard_case, world, kinds, path, models_dir, gguf_path)
+
+
+def test_setting():
+    from comfy_xdit_patch import config as cfg
+    from comfy_xdit_patch.rank.weights import RankWeights
+
+    assert cfg.load({}, gpus=2).shard_weights == "auto"
+    assert cfg.load({"COMFY_XDIT_SHARD_WEIGHTS": "on"}, gpus=0).shard_weights == "on"
+    with pytest.raises(cfg.ConfigError, match="COMFY_XDIT_SHARD_WEIGHTS"):
+        cfg.load({"COMFY_XDIT_SHARD_WEIGHTS": "yes"}, gpus=2)
+    assert not RankWeights("auto", 0, 2, torch.device("cpu"))._wanted(None)  # auto: never on CPU
+    assert not RankWeights("on", 0, 1, torch.device("cpu"))._wanted(None)  # one rank: nothing to share
 
 
 # --- FLUX.2 through ComfyUI and a sharded worker group ------------------------------------------------------
