@@ -1,6 +1,6 @@
 """FLUX.2 workflows as a table, one line per case: (layout, workflow) -> a function of the loaded model (and the
-name of a LoRA made for its file) that returns the final latent. test_flux2.py runs them on the session's ranks, test_weights.py with the weights
-sharded across 2 and 3 ranks."""
+name of a LoRA made for its file) that returns the final latent. test_flux2.py runs them on the session's ranks,
+test_weights.py with the weights sharded across 2 and 3 ranks."""
 from __future__ import annotations
 
 import torch
@@ -76,7 +76,8 @@ def execute(cls, **inputs):
 
     import execution
 
-    output, _, _, pending = asyncio.run(execution.get_output_data(None, "1", cls(), {k: [v] for k, v in inputs.items()}))
+    body = {k: [v] for k, v in inputs.items()}
+    output, _, _, pending = asyncio.run(execution.get_output_data(None, "1", cls(), body))
     assert not pending
     return tuple(o[0] for o in output)
 
