@@ -17,8 +17,12 @@ from flux2_cases import WORKFLOWS, make_lora
 BLOCKS = ("double_blocks", "single_blocks")
 
 
-def assert_share(weights: dict, world: int) -> None:
-    """A rank holds 1/N of its blocks' bytes between calls, and 1/N + two blocks' worth at most while computing."""
+def assert_share(weights: dict, world: int, setting: str = "on") -> None:
+    """A rank holds 1/N of its blocks' bytes between calls, and 1/N + two blocks' worth at most while computing
+    (with the setting off: all of them, unsharded)."""
+    if setting == "off":
+        assert not weights["sharded"] and weights["resident_bytes"] == weights["block_bytes"] > 0, weights
+        return
     assert weights["sharded"] and weights["world"] == world, weights
     pad = 16 * world  # each block's bytes are padded to a multiple of 16 x N (rank/weights.py ALIGN)
     share = weights["block_bytes"] / world + pad * weights["blocks"]
@@ -115,14 +119,18 @@ def test_setting():
 
 
 # --- FLUX.2 through ComfyUI and a sharded worker group ------------------------------------------------------
-@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)], ids=["2ranks", "3ranks"])
+@pytest.fixture(scope="module", params=[(2, "on"), pytest.param((3, "on"), marks=pytest.mark.slow),
+                                        pytest.param((3, "off"), marks=pytest.mark.slow)],
+                ids=["2ranks", "3ranks", "3ranks-unsharded"])
 def sharded(request, config, router):
-    """A worker group of 2 or 3 ranks with COMFY_XDIT_SHARD_WEIGHTS=on in place of the session's (this machine's
-    CPUs host one group at a time); the session's comes back after the module."""
+    """A worker group of 2 or 3 ranks with COMFY_XDIT_SHARD_WEIGHTS=on (or off, the same workflows on 3 ranks
+    with full copies) in place of the session's (this machine's CPUs host one group at a time); the session's
+    comes back after the module."""
     from comfy_xdit_patch.driver import patch
 
+    workers, setting = request.param
     session = patch.uninstall()
-    mine = patch.install(dataclasses.replace(config, workers=request.param, shard_weights="on", timeout=120))
+    mine = patch.install(dataclasses.replace(config, workers=workers, shard_weights=setting, timeout=120))
     try:
         yield mine
     finally:
@@ -161,7 +169,7 @@ def test_sharded_flux2_workflow(sharded, unrouted, flux2, layout, workflow):
     model, lora = flux2(layout)
     comparer(sharded, unrouted, every_call=True)(lambda: WORKFLOWS[workflow](model, layout, lora))
     for stats in sharded.group.stats():
-        assert_share(stats["weights"], sharded.group.world)
+        assert_share(stats["weights"], sharded.group.world, sharded.config.shard_weights)
 
 
 def test_lora_switches_reshard(sharded, unrouted, flux2, models_dir, flux2_file):
@@ -181,9 +189,9 @@ def test_lora_switches_reshard(sharded, unrouted, flux2, models_dir, flux2_file)
         outs.append(compare(lambda: WORKFLOWS["text_to_image"](patched, "dev"))[0])
         stats = sharded.group.stats()
         for s in stats:
-            assert_share(s["weights"], sharded.group.world)
+            assert_share(s["weights"], sharded.group.world, sharded.config.shard_weights)
     assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[0] - outs[2]).abs().max() > 1e-3
-    if loads is not None:
+    if loads is not None and sharded.config.shard_weights == "on":
         assert all(s["loads"] - n >= 2 for s, n in zip(stats, loads))  # B and none: built again
 
 
@@ -202,7 +210,7 @@ def test_sharded_loaders_with_lora(sharded, unrouted, flux2_file, models_dir, ki
         compare(lambda: WORKFLOWS["text_to_image"](model, "dev"))
         compare(lambda: WORKFLOWS["lora"](model, "dev", lora))
     for stats in sharded.group.stats():
-        assert_share(stats["weights"], sharded.group.world)
+        assert_share(stats["weights"], sharded.group.world, sharded.config.shard_weights)
 
 
 def test_status_document_shows_each_ranks_share(sharded, flux2):
@@ -215,6 +223,7 @@ def test_status_document_shows_each_ranks_share(sharded, flux2):
         doc = status.snapshot(ask_ranks=True)
     finally:
         status.reset()
-    assert doc["settings"]["shard_weights"] == "on"
+    assert doc["settings"]["shard_weights"] == sharded.config.shard_weights
     assert doc["ranks_error"] is None, doc["ranks_error"]
-    assert [r["weights"]["sharded"] for r in doc["ranks"]] == [True] * sharded.group.world
+    on = sharded.config.shard_weights == "on"
+    assert [r["weights"]["sharded"] for r in doc["ranks"]] == [on] * sharded.group.world
