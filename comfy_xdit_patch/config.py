@@ -63,6 +63,7 @@ class Config:
     remember_last: bool  # the last run's model and first call are kept for the next process
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
     join_retry: float  # seconds before a run tries again to join a cluster that could not be joined
+    shard_weights: str  # "auto" | "on" | "off": ranks keep 1/N of each block's weights (rank/weights.py)
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -183,6 +184,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            _bool),
     EnvVar("COMFY_XDIT_MODEL_CACHE", "1", "Base models each rank keeps loaded (the least recently used goes).",
            _positive_int),
+    EnvVar("COMFY_XDIT_SHARD_WEIGHTS", "auto",
+           "`on`: each rank keeps 1/N of each block's weights, gathering a block while the one before computes; "
+           "`off`: a full copy per rank; `auto`: on where a GPU can't hold a copy plus a run (off on CPU).",
+           _choice("auto", "on", "off")),
     EnvVar("COMFY_XDIT_COMPILE", "1 (GPU)",
            "`1`: each rank compiles the FLUX blocks at each new resolution (~6 s on an H200); `0`: as in "
            "ComfyUI.", _bool),
@@ -305,6 +310,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         remember_last=val.get("COMFY_XDIT_REMEMBER", True),
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
         join_retry=val.get("COMFY_XDIT_JOIN_RETRY", 30.0),
+        shard_weights=val.get("COMFY_XDIT_SHARD_WEIGHTS", "auto"),
         gpus=gpus,
     )
 

@@ -106,28 +106,39 @@ def ksample(model, positive, negative, latent, steps=3, cfg=1.0, sampler="euler"
     return nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]
 
 
-@pytest.fixture
-def compare(router, unrouted):
-    """compare(fn) -> (routed, reference, routed calls): fn() run by ComfyUI alone, then through the workers."""
+def comparer(router, unrouted, every_call: bool = False):
+    """compare(fn) -> (routed, reference, routed calls): fn() run by ComfyUI alone, then through `router`'s ranks;
+    `every_call`: no model call of the routed run ran in ComfyUI's process."""
 
     def run(fn, expect_routed=True):
         with unrouted():
             reference = fn()
         before = router.stats["routed_calls"]
-        worker_before = [s["calls"] for s in router.group.stats()] if router.group else [0] * WORKERS
+        local_before = router.stats["local_calls"], router.stats["fallbacks"]
+        worker_before = [s["calls"] for s in router.group.stats()] if router.group else None
         routed = fn()
         calls = router.stats["routed_calls"] - before
         if expect_routed:
             assert calls > 0, f"nothing was routed: {router.stats}, disabled: {router.disabled}"
             worker_after = [s["calls"] for s in router.group.stats()]
+            worker_before = worker_before or [0] * len(worker_after)
             # every rank computed every routed call
-            assert [a - b for a, b in zip(worker_after, worker_before)] == [calls] * WORKERS
+            assert [a - b for a, b in zip(worker_after, worker_before)] == [calls] * router.group.world
+            if every_call:
+                local = router.stats["local_calls"], router.stats["fallbacks"]
+                assert local == local_before, f"(local calls, fallbacks) went from {local_before} to {local}"
         assert routed.shape == reference.shape
         diff = (routed - reference).abs().max().item()
         assert diff <= TOL, f"routed result differs from ComfyUI's by {diff}"
         return routed, reference, calls
 
     return run
+
+
+@pytest.fixture
+def compare(router, unrouted):
+    """compare(fn) -> (routed, reference, routed calls): fn() run by ComfyUI alone, then through the workers."""
+    return comparer(router, unrouted)
 
 
 def node(cls, **inputs):
@@ -149,6 +160,23 @@ def flux_file(models_dir):
         if key not in made:
             name = "flux_" + "_".join(f"{k}{v}" for k, v in key) + ".safetensors"
             made[key] = synthetic.save(synthetic.tiny_flux(**params), os.path.join(models_dir, name))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def flux2_file(models_dir):
+    """flux2_file(layout, **tiny_flux2 params) -> path of a tiny FLUX.2 ("dev" or "klein") made once per session."""
+    from comfy_xdit_patch.tools import synthetic
+
+    made = {}
+
+    def make(layout="dev", **params):
+        key = (layout,) + tuple(sorted(params.items()))
+        if key not in made:
+            name = f"flux2_{layout}" + "".join(f"_{k}{v}" for k, v in key[1:]) + ".safetensors"
+            made[key] = synthetic.save(synthetic.tiny_flux2(layout, **params), os.path.join(models_dir, name))
         return made[key]
 
     return make

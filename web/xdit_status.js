@@ -41,6 +41,9 @@ function render() {
       <div><b>rank ${r.rank}</b> <span class="xdit-state xdit-state-${esc(r.state)}" data-xdit="rank-state">${esc(r.state)}</span>
         <span class="xdit-muted">pid ${esc(r.pid)} on ${esc(r.host)}</span></div>
       <div>${esc(r.gpu || r.device)} · ${MiB(r.memory)} (peak ${MiB(r.memory_peak)})</div>
+      ${r.weights && r.weights.block_bytes ? `<div data-xdit="weights">blocks: ${r.weights.sharded
+        ? `${MiB(r.weights.resident_bytes)} of ${MiB(r.weights.block_bytes)} held (1/${r.weights.world} each)`
+        : `${MiB(r.weights.block_bytes)}, a full copy`}</div>` : ""}
       <div>${r.calls ?? "–"} calls · last ${ago(r.last_call)}</div>
     </div>`).join("");
   const run = s.run ? `<div>running now: <b>${s.run.routed}</b> routed, ${s.run.local} local</div>` : "";

@@ -20,6 +20,7 @@ import threading
 import time
 
 from ..config import Config
+from ..errors import Cancelled
 from ..timing import Laps
 from . import last_run
 
@@ -63,6 +64,8 @@ class EarlyStart:
             record = last_run.read(self.config, self.wanted, self.cancelled, deadline)
             if record is not None and not self.cancelled.is_set():
                 self.preloaded = last_run.preload(group, record, reached)
+            if self.cancelled.is_set():  # NOTE: cancelled after the group was up: nobody else shuts it down
+                raise Cancelled("the worker group started early was replaced")
         except BaseException as e:
             self.error = e
             if self.group is not None:
@@ -143,6 +146,9 @@ def take(config: Config) -> EarlyStart | None:
     if early.config != config:
         log.info("comfy_xdit_patch: the settings differ from those at ComfyUI's start; the group started then "
                  "is replaced")
-        early.cancel()  # its own thread shuts it down
+        early.cancel()  # its own thread shuts it down, or, where that thread has ended already, this
+        if early.thread is not None and not early.thread.is_alive() and early.error is None:
+            early.error = Cancelled("the worker group started early was replaced")
+            early.shutdown()
         return None
     return early

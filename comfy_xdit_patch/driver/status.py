@@ -139,6 +139,7 @@ def _ranks(seen_now: dict, group: dict, asked_of_this_group: bool) -> list[dict]
             "calls": seen.get("calls"),
             "load_seconds": seen.get("load_seconds"),  # its last model preparation (weights, patches)
             "start_seconds": seen.get("start_seconds"),  # its process start, imports and GPU (group start)
+            "weights": seen.get("weights"),  # its model's weights: sharded or not, bytes held (rank/weights.py)
             # NOTE: every routed call runs on every rank, so the driver's last routed call is each rank's
             "last_call": seen_now["last_call"],
             "state": seen_now["state"],

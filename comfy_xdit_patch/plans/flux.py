@@ -1,4 +1,6 @@
-"""The FLUX family: FLUX.1 dev / schnell / Fill / Kontext (comfy.ldm.flux) and Chroma (comfy.ldm.chroma).
+"""The FLUX family: FLUX.1 dev / schnell / Fill / Kontext and FLUX.2 [dev] / [klein] (comfy.ldm.flux: one class;
+FLUX.2 adds 4-axis RoPE ids and `index` reference latents, made per token before the entry, and modulation
+shared by all blocks, made from the timestep vector that every rank holds whole) and Chroma (comfy.ldm.chroma).
 
 Both enter their token sequence in `forward_orig(img, img_ids, txt, txt_ids, ...)`: everything before
 it is per-token (patchify, img_in, txt_in, RoPE ids), so splitting its inputs is exact, and its output

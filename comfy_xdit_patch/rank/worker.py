@@ -117,6 +117,9 @@ class Worker:
         self.rank, self.world = rank, world
         self.config = config
         self.device = mm.get_torch_device()
+        from .weights import RankWeights
+
+        self.weights = RankWeights(config.shard_weights, rank, world, self.device)  # COMFY_XDIT_SHARD_WEIGHTS
         lap("comfyui")
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
@@ -214,7 +217,8 @@ class Worker:
                "calls": self.counters["calls"], "last_call": self.last_call,
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases)}
+               "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases),
+               "weights": self.weights.stats(reset)}
         from .facts import device_facts
 
         out.update(device_facts(self.torch, self.device))  # host, GPU name, memory now and peak
@@ -238,11 +242,7 @@ class Worker:
             self.bases.move_to_end(spec.base_key)
             return self.bases[spec.base_key]
         while len(self.bases) >= self.config.model_cache:
-            old_key, old = self.bases.popitem(last=False)
-            for key in [k for k, p in self.loaded.items() if p.model is old.model]:
-                del self.loaded[key]
-            self.mm.unload_model_and_clones(old)
-            log.info("evicted %s", old_key)
+            self._drop(next(iter(self.bases)))
         from .models import build
 
         patcher = build(spec)
@@ -250,10 +250,22 @@ class Worker:
         self.bases[spec.base_key] = patcher
         return patcher
 
+    def _drop(self, base_key: str) -> None:
+        """Unload a base model and its patched clones (the cache's oldest, or a sharded one another spec wants)."""
+        old = self.bases.pop(base_key)
+        for key in [k for k, p in self.loaded.items() if p.model is old.model]:
+            del self.loaded[key]
+        self.current = self.current if self.current in self.loaded else None
+        self.weights.forget(old.model.diffusion_model)
+        self.mm.unload_model_and_clones(old)
+        log.info("evicted %s", base_key)
+
     def prepare(self, message: Prepare) -> Ready | NeedPatches | FilesAbsent:
         """Make the model of the spec (base + patches) current on the device."""
         spec = message.spec
         t0 = time.perf_counter()
+        for model in self.weights.stale(spec.key):  # sharded for another spec: built again from its files
+            self._drop(next(k for k, p in self.bases.items() if p.model.diffusion_model is model))
         if spec.key not in self.loaded:
             if spec.base_key not in self.bases:
                 from .models import missing_files
@@ -281,6 +293,11 @@ class Worker:
         if self.graphs is not None and changed:
             self.graphs.clear()  # NOTE: captured graphs point at the weights as they were
         self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
+        from .. import plans
+
+        patcher = self.loaded[spec.key]
+        plan = plans.plan_for(patcher.model.diffusion_model)
+        self.weights.after_load(spec.key, patcher, plan.blocks if plan else ())  # shards it where wanted (local)
         if changed:
             _settle_heap()
         self.load_seconds = time.perf_counter() - t0
@@ -322,26 +339,28 @@ class Worker:
         plan = plans.by_family(family)
         groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
-        if self.config.compile:
+        if self.config.compile and not self.weights.sharded(key):  # sharded blocks run uncompiled (their hooks)
             from . import compiled
 
             self.counters["compiled blocks"] += compiled.compile_blocks(model, plan.blocks)
             attention = compiled.routed(attention)
 
         def run(inputs):
-            with self._kernel_preference():
+            with self._kernel_preference(), self.weights.call(key):
                 # contiguous (FLUX's output is a permuted view): rank 0's reply is then one plain copy
                 return sharding.shard(plan, model, inputs[0], inputs[1], mesh, self.rank, groups, attention).contiguous()
 
         # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
         # (4x H100); other kernels run the ring eagerly.
         eager = eager or (mesh.ring > 1 and self.config.usp_kernel not in attention_mod.RING_REPLAY_SAFE)
+        eager = eager or self.weights.sharded(key)  # NOTE: gathers captured in a graph: not yet tried on GPUs
         if self.graphs is not None and not eager:
             return functools.partial(self.graphs.run, (key, mesh, chunks), run, (args, kwargs))
         return functools.partial(run, (args, kwargs))
 
     def call(self, body: Call, eager: bool = False):
         mark = self.graphs.captures if self.graphs is not None else None
+        self.weights.settle()  # NOTE: under auto on GPUs, a collective at the first call after a prepare
         return self.done(body, mark, self.runner(body, eager)())
 
     def done(self, body, mark, out):

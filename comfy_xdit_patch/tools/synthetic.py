@@ -2,7 +2,7 @@
 
 Shapes and key names come from ComfyUI's own module classes (built on the meta device), so ComfyUI
 detects the files as what they imitate: FLUX.1-dev (11.9 B parameters), a tiny FLUX (hidden size
-128 x heads), and a TAESD-style VAE for 16-channel latents.
+128 x heads), FLUX.2 [dev] and [klein] layouts (tiny ones too), and a TAESD-style VAE for 16-channel latents.
 """
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ import torch
 FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
                 mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
                 patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+# FLUX.2 [dev] as ComfyUI detects it (comfy/model_detection.py: `double_stream_modulation_img` -> "flux2"):
+# 32 B parameters, 128 latent channels at patch 1, 4-axis RoPE, modulation shared by all blocks, no biases.
+FLUX2_DEV = dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=15360, hidden_size=6144,
+                 mlp_ratio=3.0, num_heads=48, depth=8, depth_single_blocks=48, axes_dim=[32, 32, 32, 32], theta=2000,
+                 patch_size=1, qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True,
+                 mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
+# FLUX.2 [klein] 4B: the same class, detected as Flux2 too; no guidance embedding, Qwen3-4B text (3 x 2560)
+FLUX2_KLEIN = dict(FLUX2_DEV, context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20,
+                   guidance_embed=False)
+FLUX2_LAYOUTS = {"dev": FLUX2_DEV, "klein": FLUX2_KLEIN}
 TINY_CONTEXT_DIM = 32
 
 
@@ -37,13 +47,30 @@ def tiny_flux(heads: int = 2, depth: int = 1, single: int = 2, context_dim: int 
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def flux_dev(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0) -> dict:
-    """FLUX.1-dev's exact keys and shapes, random N(0, 0.02) weights, norm scales 1; built on `device`."""
+def tiny_flux2(layout: str = "dev", heads: int = 2, depth: int | None = None, single: int | None = None,
+               context_dim: int = TINY_CONTEXT_DIM, seed: int = 0, **overrides) -> dict:
+    """A FLUX.2-shaped model for a CPU: `layout` "dev" (2 double + 3 single blocks, guidance) or "klein"
+    (2 + 2, no guidance); every head is 128 wide, as ComfyUI's detection derives heads = hidden / 128."""
+    import comfy.ldm.flux.model as flux
+
+    tiny = {"dev": (2, 3), "klein": (2, 2)}[layout]
+    params = dict(FLUX2_LAYOUTS[layout], hidden_size=128 * heads, num_heads=heads, context_in_dim=context_dim,
+                  depth=tiny[0] if depth is None else depth, depth_single_blocks=tiny[1] if single is None else single)
+    params.update(overrides)
+    torch.manual_seed(seed)
+    model = flux.Flux(image_model="flux2", **params, operations=torch.nn)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def flux_dev(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0, params: dict = FLUX_DEV) -> dict:
+    """FLUX.1-dev's exact keys and shapes (or `params`', e.g. FLUX2_DEV), random N(0, 0.02) weights, norm
+    scales 1; built on `device`."""
     import comfy.ldm.flux.model as flux
     import comfy.ops
 
     with torch.device("meta"):
-        meta = flux.Flux(**_fields(flux.FluxParams, FLUX_DEV), operations=comfy.ops.disable_weight_init)
+        flux2 = {"image_model": "flux2"} if params.get("global_modulation") else {}  # older ComfyUI: no such argument
+        meta = flux.Flux(**flux2, **_fields(flux.FluxParams, params), operations=comfy.ops.disable_weight_init)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, t in meta.state_dict().items():
