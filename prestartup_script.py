@@ -1,5 +1,5 @@
 """ComfyUI runs this before it imports its own modules and nodes: the worker group starts now, in the
-background, and is ready sooner (comfy_xdit_patch/early.py). Never raises."""
+background, and is ready sooner (comfy_xdit_patch/driver/prestart.py). Never raises."""
 import os
 import sys
 

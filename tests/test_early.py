@@ -1,4 +1,4 @@
-"""The group started at ComfyUI's prestartup (early.py): adopted when the settings match (shown through a
+"""The group started at ComfyUI's prestartup (driver/prestart.py): adopted when the settings match (shown through a
 real server in test_server.py), cancelled and shut down when they don't."""
 import os
 import time

@@ -140,9 +140,10 @@ class GroupLife:
             self._lock.release()
         return group is not None
 
-    def after_failure(self, transient: bool) -> bool:
-        """A run failed and its group was closed: whether the next run may start a new one (the budget)."""
-        if not transient or self.restarts >= MAX_RESTARTS:
+    def may_restart(self) -> bool:
+        """A run failed transiently and its group was closed: whether the next run may start a new one (the
+        budget), counting this restart."""
+        if self.restarts >= MAX_RESTARTS:
             return False
         self.restarts += 1
         return True

@@ -2,7 +2,7 @@
 
 wrapt wrappers: `comfy.samplers.CFGGuider.sample` (to register our ComfyUI wrappers on a FLUX
 sampling run) and `comfy.model_management.load_models_gpu` (so a routed model's weights stay off this
-process's GPU), both delegating to the Router; `execution.get_output_data` (loaders.record: which
+process's GPU), both delegating to the Router; `execution.get_output_data` (models.record: which
 loader node made a model that has no recipe). uninstall() puts back the exact originals.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger("comfy_xdit_patch")
 _TARGETS = (
     ("comfy.samplers", "CFGGuider.sample", "sample"),
     ("comfy.model_management", "load_models_gpu", "load_models_gpu"),
-    ("execution", "get_output_data", "loaders.record"),  # which loader node made a model without a recipe
+    ("execution", "get_output_data", "models.record"),  # which loader node made a model without a recipe
 )
 
 _lock = threading.Lock()
@@ -63,7 +63,7 @@ def install(config: Config, router=None):
         for module_name, path, method in _TARGETS:
             owner, attr = _owner(module_name, path)
             _originals.append((owner, attr, owner.__dict__[attr]))
-            if method == "loaders.record":
+            if method == "models.record":
                 from . import models
 
                 handler = models.record

@@ -324,7 +324,7 @@ class Router:
             raise e
         if not transient:
             self.disable(f"{type(e).__name__}: {e}")
-        elif not self.life.after_failure(transient):
+        elif not self.life.may_restart():
             self.disable(f"{self.life.restarts} worker-group restarts; last: {type(e).__name__}: {e}")
         else:
             self._set("idle", f"restarts on the next FLUX run after: {type(e).__name__}: {e}")

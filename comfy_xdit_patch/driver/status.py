@@ -1,7 +1,7 @@
 """What the plugin is doing, as one JSON document: `GET /xdit/status` and the `xdit.status` websocket event.
 
-The router and group keep only a few attributes that change at transitions (state, detail, last run,
-last fallback); this module reads them. The ranks are asked (the existing "stats" request) only when
+The router keeps only a few attributes that change at transitions (state, detail, last run, last
+fallback); this module reads them, and its group's, in one `Router.snapshot()`. The ranks are asked (the existing "stats" request) only when
 a client asks for the status and no sampling run is in progress, so the per-step path never waits on
 it; between asks the last answer is served, stamped with when it was taken.
 
@@ -161,8 +161,9 @@ def snapshot(ask_ranks: bool = False) -> dict:
         _ask_ranks(group_obj)
     now = router.snapshot()
     group = now.pop("group")
-    if now.pop("disabled"):
-        doc.update(enabled=False, reason=router.disabled)
+    disabled = now.pop("disabled")
+    if disabled:
+        doc.update(enabled=False, reason=disabled)
     doc.update(now, workers=router.config.workers, device="GPU" if router.config.use_gpu else "CPU",
                attention=group and group["attention"],
                ranks=_ranks(now, group, _plugin.ranks_of is group_obj) if group is not None else [],

@@ -1,6 +1,6 @@
 """Ray for the worker group: a private loopback-only cluster started by this process, or an existing
 cluster joined by address. Imports neither torch nor ComfyUI, so it can run at ComfyUI's prestartup
-(early.py), before ComfyUI has imported them.
+(driver/prestart.py), before ComfyUI has imported them.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """One rank of the worker group: a Ray actor that holds the model and serves model calls.
 
 The actor builds the model itself with ComfyUI's own loader, from the recipe ComfyUI recorded when it
-loaded the model (`ModelPatcher.cached_patcher_init`: loader + path + options), so weights never go
-through Ray. LoRA weight patches and diffusion-model object patches are replayed on a clone and put
+loaded the model (`ModelPatcher.cached_patcher_init`: loader + path + options), or by running again the
+loader node that made a model without one (rank/models.py), so weights never go through Ray. LoRA weight patches and diffusion-model object patches are replayed on a clone and put
 on the device by `comfy.model_management.load_models_gpu`, as in ComfyUI itself.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def build_groups(mesh, rank: int) -> Groups:
 
 def _ray_gpu_index() -> int:
     """This actor's GPU as a torch index. Ray leaves CUDA_VISIBLE_DEVICES as the raylet had it (every
-    GPU of the group visible, see group.py), so the id Ray assigned is looked up in that list."""
+    GPU of the group visible, see group/workers.py), so the id Ray assigned is looked up in that list."""
     import ray
 
     gpu = str(ray.get_gpu_ids()[0])

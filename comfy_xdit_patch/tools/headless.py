@@ -31,7 +31,7 @@ class Server:
                  log_path: str | None = None, extra_args: tuple = ()):
         self.comfyui, self.base_dir, self.cpu = comfyui, base_dir, cpu
         self.env = dict(os.environ, **(env or {}))
-        # compiled code and the last model (early.py) per base directory, not the user's own cache
+        # compiled code and the last model (driver/last_run.py) per base directory, not the user's own cache
         self.env.setdefault("COMFY_XDIT_CACHE_DIR", os.path.join(base_dir, "xdit-cache"))
         # a test's or the demo's first prompt is there to be routed, not to run while the group starts
         self.env.setdefault("COMFY_XDIT_WHILE_STARTING", "wait")

@@ -38,7 +38,7 @@ def choose_mesh(world: int, batch: int, heads: int, forced: Mesh | None, ring_ok
     (heads permitting), Ring for what the heads can't divide. With the K/V-gather attention
     (`gather`), which takes any head count, the `ulysses` degree is its degree and there is no ring.
 
-    Across nodes (`node_of`, each rank's node, ranks grouped by node: see nodes.rank_order) the largest
+    Across nodes (`node_of`, each rank's node, ranks grouped by node: see group/ray_nodes.rank_order) the largest
     CFG/batch split is also what keeps the all-to-alls off the network: each sequence-parallel group is a
     block of consecutive ranks, so with cfg = nodes each sits on one node. Where the batch leaves a group
     spanning nodes (cfg 1), Ulysses stays inside a node and Ring (point-to-point, overlapped with
