@@ -30,6 +30,7 @@ import comfy.sd  # noqa: E402
 import tiny  # noqa: E402
 from comfy_xdit_patch import config as config_mod  # noqa: E402
 from comfy_xdit_patch.driver import patch  # noqa: E402
+from comfy_xdit_patch.tools.diagnostics import DriverProbe  # noqa: E402
 from comfy_xdit_patch.wire import mesh as layout  # noqa: E402
 
 
@@ -71,14 +72,15 @@ def main() -> None:
 
     for cfg in (1.0, 3.5):
         group = router.life.get()
-        before_routed, before_crossed = router.stats["routed_calls"], group.channel.crossed["call"]
+        group.channel.probe = probe = DriverProbe()  # counts the requests that crossed hosts
+        before_routed = router.stats["routed_calls"]
         mark = len(lines.lines)
         img = sample(model, latent, cfg)
         group = router.group
         out[f"cfg{cfg}"] = {
             "diff": (img - refs[cfg]).abs().max().item(),
             "routed": router.stats["routed_calls"] - before_routed,
-            "crossed": group.channel.crossed["call"] - before_crossed,
+            "crossed": probe.crossed["call"],
             "ips": group.ips, "node_of": list(group.node_of),
             "layouts": {k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")},
             "lines": [s for s in lines.lines[mark:] if "nodes in one group" in s],
@@ -119,7 +121,8 @@ def time_calls(router, model, n: int) -> dict:
     with no tensors that every rank answers (the channel's round trip alone)."""
     from comfy_xdit_patch.tools.diagnostics import DriverDiagnostics
 
-    timing = DriverDiagnostics(router).timing  # seconds in routed calls, as ComfyUI's process sees them
+    diag = DriverDiagnostics(router)
+    timing = diag.timing  # seconds in routed calls, as ComfyUI's process sees them
     out = {}
     for size in (64, 256):
         for cfg in (1.0, 3.5):
@@ -134,7 +137,7 @@ def time_calls(router, model, n: int) -> dict:
     for _ in range(50):
         group.stats()
     out["round trip ms"] = round(1e3 * (time.perf_counter() - t0) / 50, 2)
-    out.update(ips=group.ips, shared=group.channel.shared, crossed=dict(group.channel.crossed),
+    out.update(ips=group.ips, shared=group.channel.shared, crossed=dict(diag.channel.crossed),
                layouts={k[7:]: v for k, v in router.stats.items() if k.startswith("layout ")})
     return out
 

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from comfy_xdit_patch.tools.diagnostics import RankProbe
 from comfy_xdit_patch.wire.channel import SPIN_LEAD, SPIN_MAX, DriverChannel, WorkerChannel
 
 WORLD = 2
@@ -23,6 +24,7 @@ def _rank(address, authkey, rank, shared, store, device, spin):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     ch = WorkerChannel(address, authkey, rank, device, lambda t: dist.broadcast(t, src=0), shared,
                        transient=("call",))
+    probe = ch.probe = RankProbe()  # counts the tensor bytes that crossed
     ch.spin = SPIN_MAX if spin else 0.0
     held = None
     while True:
@@ -32,7 +34,7 @@ def _rank(address, authkey, rank, shared, store, device, spin):
             return
         if op == "hold":  # kept past the request, as a LoRA's tensors in a `prepare` are
             held = body
-        ch.reply(seq, held if op == "show" else (body, ch.inbound_bytes))
+        ch.reply(seq, held if op == "show" else (body, probe.inbound_bytes))
 
 
 @pytest.fixture(params=["one host", "one host, polling", "across hosts"])

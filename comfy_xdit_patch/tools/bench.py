@@ -228,8 +228,8 @@ class Bench:
                     raise RuntimeError(f"the plugin stopped routing during the warm-up: {router.disabled or 'group restarted'}")
                 group.stats(reset=True)
                 calls0, wall0 = router.stats["routed_calls"], diag.timing["call_seconds"]
-                parts0 = dict(group.channel.timing, route=diag.timing["route_seconds"])
-                clock0 = dict(group.channel.clock)
+                parts0 = dict(diag.channel.timing, route=diag.timing["route_seconds"])
+                clock0 = dict(diag.channel.clock)
                 profiler = None
                 if self.a.profile and not self.results.get("profiled"):
                     import cProfile
@@ -249,14 +249,14 @@ class Bench:
                                             ("busy_seconds", "gpu_seconds", "launch_seconds", "reply_seconds"))
                 launch_parts = {k: round(v / rank_calls * 1e3, 2) for k, v in stats[0]["launch_parts_seconds"].items()}
                 inbound = max(s["inbound_seconds"] for s in stats) / rank_calls
-                parts = dict(group.channel.timing, route=diag.timing["route_seconds"])
+                parts = dict(diag.channel.timing, route=diag.timing["route_seconds"])
                 parts = {k: (v - parts0.get(k, 0.0)) / max(calls, 1) for k, v in parts.items()}
                 parts["wait_minus_compute"] = parts.pop("wait", 0.0) - busy
                 parts["rank_inbound"] = inbound
                 parts["rank0_reply"] = reply
                 if group.channel.shared:  # one host: one clock. Header to rank 0, rank 0 beyond its compute
                     # (its reply staged), reply to ComfyUI's process
-                    sent, woke = (group.channel.clock[f"call {k}"] - clock0.get(f"call {k}", 0.0) for k in ("sent", "woke"))
+                    sent, woke = (diag.channel.clock[f"call {k}"] - clock0.get(f"call {k}", 0.0) for k in ("sent", "woke"))
                     clock = stats[0]["clock"]
                     parts["to_rank0"] = (clock.get("call arrived", 0.0) - sent) / rank_calls
                     parts["rank0_beyond_compute"] = (clock.get("call done", 0.0) - clock.get("call arrived", 0.0)) / rank_calls - busy

@@ -24,6 +24,54 @@ class Op(NamedTuple):
     body: object
 
 
+class DriverProbe:
+    """ComfyUI's end of the channel, measured (DriverChannel.probe): seconds staging and sending requests,
+    waiting for replies and taking them; sums of the instants a request was sent and rank 0's reply seen
+    (CLOCK_MONOTONIC: on one host, comparable with the ranks'); requests by op that crossed hosts."""
+
+    def __init__(self):
+        self.timing = collections.Counter()
+        self.clock = collections.Counter()
+        self.crossed = collections.Counter()
+        self._mark = 0.0
+
+    def __call__(self, event: str, op: str, at: float, n: int) -> None:
+        if event == "begin":
+            self._mark = at
+            return
+        self.timing[{"sent": "send", "woke": "wait", "taken": "take"}[event]] += at - self._mark
+        self._mark = at  # a reply is waited for from the request's sending, or the last reply's taking
+        if event == "sent":
+            self.clock[f"{op} sent"] += at
+            self.crossed[op] += n
+        elif event == "woke" and n == 0:
+            self.clock[f"{op} woke"] += at
+
+
+class RankProbe:
+    """A rank's end of the channel, measured (WorkerChannel.probe): seconds from a request's arrival to its
+    tensors on the device, seconds staging and sending replies, the tensor bytes that crossed, and when the
+    last request arrived and the last reply was staged."""
+
+    def __init__(self):
+        self.inbound_seconds = self.reply_seconds = 0.0
+        self.inbound_bytes = 0
+        self.arrived = self.replying = self._reply = 0.0
+
+    def __call__(self, event: str, op: str, at: float, n: int) -> None:
+        if event == "arrived":
+            self.arrived = at
+            self.inbound_bytes += n
+        elif event == "placed":
+            self.inbound_seconds += at - self.arrived
+        elif event == "reply":
+            self._reply = at
+        elif event == "replying":
+            self.replying = at
+        else:
+            self.reply_seconds += at - self._reply
+
+
 class RankDiagnostics:
     def __init__(self, worker):
         self.w = worker
@@ -35,6 +83,7 @@ class RankDiagnostics:
         self.profiles: list = []  # (directory, mode) for the next calls, see profile()
         self.pyprof = None
         self.marks = None  # two CUDA events, made once
+        self.channel = worker.channel.probe = RankProbe()
 
     def handlers(self) -> dict:
         return {"call": self.call, "probe": lambda m: self.probe(m.body), "profile": lambda m: self.profile(m.body),
@@ -69,7 +118,7 @@ class RankDiagnostics:
         return w.done(body, captures, out)
 
     def served(self, op: str) -> None:
-        channel = self.w.channel
+        channel = self.channel
         self.clock[f"{op} arrived"] += channel.arrived
         self.clock[f"{op} done"] += channel.replying if channel.replying > channel.arrived else time.perf_counter()
 
@@ -77,13 +126,13 @@ class RankDiagnostics:
         w = self.w
         out = {"busy_seconds": self.busy, "gpu_seconds": self.gpu, "launch_seconds": self.launch,
                "launch_parts_seconds": dict(w.graphs.seconds if w.graphs else {}, prelude=self.prelude),
-               "inbound_seconds": w.channel.inbound_seconds, "reply_seconds": w.channel.reply_seconds,
+               "inbound_seconds": self.channel.inbound_seconds, "reply_seconds": self.channel.reply_seconds,
                "clock": dict(self.clock), "pinned": w.channel.pinned}
         if reset:
             self.busy = self.gpu = self.launch = self.prelude = 0.0
             if w.graphs:
                 w.graphs.seconds.clear()
-            w.channel.inbound_seconds = w.channel.reply_seconds = 0.0
+            self.channel.inbound_seconds = self.channel.reply_seconds = 0.0
             self.clock.clear()
         return out
 
@@ -146,6 +195,7 @@ class DriverDiagnostics:
     def __init__(self, router):
         self.router = router
         self.timing = collections.Counter()
+        self.channel = DriverProbe()  # the current group's channel, measured
         self.group = None
         inner = router.diffusion_model
 
@@ -168,6 +218,7 @@ class DriverDiagnostics:
         if group is None or group is self.group:
             return
         self.group = group
+        group.channel.probe = self.channel
         group.request(Attach(RankDiagnostics), all_reply=True)
         inner = group.call
 

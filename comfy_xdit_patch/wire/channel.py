@@ -15,6 +15,10 @@ keeps them few: one wait for all staged copies, views made once per layout, one 
 With GPU ranks both sides also poll instead of sleeping around the moment the other side's message is
 due (the rank right after a reply, the driver from just before the reply it expects), bounded by
 SPIN_MAX: waking a sleeping process and its cold core cost more than the polling.
+
+The path measures nothing itself: each end's `probe`, None unless the bench attaches one (tools/diagnostics.py),
+is called as probe(event, op, at, n) at the driver's "begin", "sent" (n: 1 if it crossed hosts), "woke", "taken"
+(n: the rank replying); a rank's "arrived" (n: bytes that crossed), "placed", "reply", "replying", "replied".
 """
 from __future__ import annotations
 
@@ -81,14 +85,10 @@ class DriverChannel:
         self._slots: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._free = list(range(_CACHE_SLOTS))
         self._lock = threading.Lock()
-        self.timing = collections.Counter()  # seconds: staging+sending requests, waiting, taking replies
+        self.probe: Callable[[str, str, float, int], None] | None = None  # see the module's docstring
         self.spin_lead: float | None = None  # see _replies; None: always sleep until woken (CPU ranks)
         self._expect: dict = {}  # (op, tensor shapes) -> seconds rank 0's reply took last time
-        self.waited = 0.0
-        self.crossed = collections.Counter()  # requests by op sent the across-hosts way (tests, the bench)
-        # sums of CLOCK_MONOTONIC instants (sent, rank 0's reply seen), against the ranks' (one host: see
-        # WorkerChannel.clock): where the time between sending and the reply goes
-        self.clock = collections.Counter()
+        self.waited = 0.0  # seconds rank 0's last reply took to come
 
     def accept(self, timeout: float, alive: Callable[[], None]) -> None:
         """Wait for every rank to connect (each first sends its rank)."""
@@ -171,7 +171,9 @@ class DriverChannel:
         Tensors of `body` that are in `keep` are cached on the ranks across requests; tensors in the
         reply are placed on `device` (default: CPU)."""
         with self._lock:
-            t0 = time.perf_counter()
+            probe = self.probe
+            if probe is not None:
+                probe("begin", op, time.perf_counter(), 0)
             if self._abandoned is not None:
                 # NOTE: its payload must be read before the shared segment is written again
                 abandoned, self._abandoned = self._abandoned, None
@@ -185,14 +187,12 @@ class DriverChannel:
                 inbox.settle()
             try:
                 transport.send(self._conns, (seq, op, skeleton, metas, desc))
-                self.clock[f"{op} sent"] += time.perf_counter()
                 if trailing is not None:
                     self._conns[0].send_bytes(trailing.numpy())
             except (OSError, EOFError) as e:
                 raise WorkerDied(f"lost a worker while sending: {e!r}") from e
-            self.timing["send"] += time.perf_counter() - t0
-            if not self.shared:
-                self.crossed[op] += 1
+            if probe is not None:
+                probe("sent", op, time.perf_counter(), 0 if self.shared else 1)
             try:
                 out = self._replies(seq, all_reply, timeout, alive, interrupted, device or torch.device("cpu"),
                                     self._expect.get(key), op)
@@ -213,9 +213,10 @@ class DriverChannel:
         deadline = time.monotonic() + timeout
         waiting = set(range(self.world)) if all_reply else {0}
         results: dict[int, Any] = {}
-        t0 = start = time.perf_counter()
-        spin_from = t0 + expect - self.spin_lead if expect is not None and self.spin_lead is not None else None
-        checked = t0
+        probe = self.probe
+        start = time.perf_counter()
+        spin_from = start + expect - self.spin_lead if expect is not None and self.spin_lead is not None else None
+        checked = start
         refused = None
         while waiting:
             now = time.perf_counter()
@@ -236,10 +237,10 @@ class DriverChannel:
                 rank = self._rank_of[fd]
                 conn = self._conns[rank]
                 t1 = time.perf_counter()
-                self.timing["wait"] += t1 - t0
                 if rank == 0:
                     self.waited = t1 - start
-                    self.clock[f"{op} woke"] += t1
+                if probe is not None:
+                    probe("woke", op, t1, rank)
                 try:
                     rseq, status, value, desc = transport.recv(conn)
                     data = self._inboxes[rank].take(conn, desc) if desc else None
@@ -260,8 +261,8 @@ class DriverChannel:
                     value = transport.loads(skeleton, self._inboxes[rank].fetch(views, device))
                 results[rank] = value
                 waiting.discard(rank)
-                t0 = time.perf_counter()
-                self.timing["take"] += t0 - t1
+                if probe is not None:
+                    probe("taken", op, time.perf_counter(), rank)
         if refused is not None:
             raise Unroutable(refused)
         return results if all_reply else results[0]
@@ -320,12 +321,8 @@ class WorkerChannel:
         # seconds to poll for the next request without sleeping, once ready for it (GPU ranks only: CPU
         # ranks need every core for their own work)
         self.spin = SPIN_MAX if device.type == "cuda" else 0.0
-        self.inbound_seconds = 0.0  # from a header's arrival to its tensors being on the device
-        self.inbound_bytes = 0  # tensor bytes that crossed (cached tensors cross once)
         self._dev: Views | None = None  # the device buffer transient requests' tensors are copied into
-        self.arrived = 0.0  # when the last header was read
-        self.replying = 0.0  # when the last reply was staged, about to be sent
-        self.reply_seconds = 0.0  # staging and sending replies
+        self.probe: Callable[[str, str, float, int], None] | None = None  # see the module's docstring
 
     def recv(self):
         # NOTE: during sampling the next request comes a few ms after the reply (ComfyUI's sampler step)
@@ -333,7 +330,9 @@ class WorkerChannel:
         while time.perf_counter() < end and not self._poller.poll(0):
             pass
         seq, op, skeleton, metas, desc = transport.recv(self._conn)
-        t0 = self.arrived = time.perf_counter()
+        probe = self.probe
+        if probe is not None:
+            probe("arrived", op, time.perf_counter(), desc[-1] if desc else 0)
         tensors = [None] * len(metas)
         if desc:
             # One host ("shm"): every rank copies the bytes from the driver's segment itself. The driver
@@ -344,7 +343,6 @@ class WorkerChannel:
             # reuses (the model call that reads it is done by then), what the cache keeps copied out.
             shared = desc[0] == "shm"
             size = desc[-1]
-            self.inbound_bytes += size
             if op not in self.transient:
                 into = Views(torch.empty(size, dtype=torch.uint8, device=self.device))
             else:
@@ -367,23 +365,26 @@ class WorkerChannel:
                 tensors[i] = self._slots[m.slot]
             elif m.slot >= 0:
                 self._slots[m.slot] = tensors[i].clone()
-        self.inbound_seconds += time.perf_counter() - t0
+        if probe is not None:
+            probe("placed", op, time.perf_counter(), 0)
         return seq, op, transport.loads(skeleton, tensors)
 
     def reply(self, seq: int, value: Any) -> None:
-        t0 = time.perf_counter()
+        probe = self.probe
+        if probe is not None:
+            probe("reply", "", time.perf_counter(), 0)
         skeleton, tensors = transport.dumps(value)
-        if not tensors:
-            self.replying = time.perf_counter()
-            transport.send([self._conn], (seq, "ok", value, None))
-            return
-        offsets, desc, _, trailing = self._outbox.stage(tensors)
-        metas = [TensorMeta(tuple(t.shape), t.dtype, off, -1) for t, off in zip(tensors, offsets)]
-        self.replying = time.perf_counter()
-        transport.send([self._conn], (seq, "ok", (skeleton, metas), desc))
+        desc = trailing = None
+        if tensors:
+            offsets, desc, _, trailing = self._outbox.stage(tensors)
+            value = (skeleton, [TensorMeta(tuple(t.shape), t.dtype, off, -1) for t, off in zip(tensors, offsets)])
+        if probe is not None:
+            probe("replying", "", time.perf_counter(), 0)
+        transport.send([self._conn], (seq, "ok", value, desc))
         if trailing is not None:
             self._conn.send_bytes(trailing.numpy())
-        self.reply_seconds += time.perf_counter() - t0
+        if probe is not None:
+            probe("replied", "", time.perf_counter(), 0)
 
     @property
     def pinned(self) -> tuple[bool, bool]:

@@ -33,6 +33,7 @@ def rank_main(root, address, authkey, rank, world, compute_ms, profile, spin_ms)
     sys.path.insert(0, root)
     import torch
 
+    from comfy_xdit_patch.tools.diagnostics import RankProbe
     from comfy_xdit_patch.wire.channel import WorkerChannel
 
     gpus = torch.cuda.device_count()
@@ -40,6 +41,7 @@ def rank_main(root, address, authkey, rank, world, compute_ms, profile, spin_ms)
     if gpus:
         torch.cuda.set_device(device)
     ch = WorkerChannel(address, authkey, rank, device, lambda t: None, True)
+    probe = ch.probe = RankProbe()
     if spin_ms is not None and hasattr(ch, "spin"):
         ch.spin = spin_ms / 1e3
     out = torch.zeros(1, 16, 128, 128, dtype=torch.bfloat16, device=device)  # a graph's output buffer
@@ -76,7 +78,7 @@ def rank_main(root, address, authkey, rank, world, compute_ms, profile, spin_ms)
                 profiler.disable()
         elif op == "reset":
             marks.clear()
-            ch.inbound_seconds = ch.reply_seconds = 0.0
+            probe.inbound_seconds = probe.reply_seconds = 0.0
             if profiler:
                 profiler.disable()
                 profiler = cProfile.Profile()
@@ -84,7 +86,7 @@ def rank_main(root, address, authkey, rank, world, compute_ms, profile, spin_ms)
         elif op == "stats":
             if profiler:
                 profiler.disable()
-            ch.reply(seq, {"marks": marks, "inbound": ch.inbound_seconds, "reply": ch.reply_seconds,
+            ch.reply(seq, {"marks": marks, "inbound": probe.inbound_seconds, "reply": probe.reply_seconds,
                            "profile": _stats_text(profiler) if profiler else ""})
 
 
@@ -104,11 +106,13 @@ def main():
     import torch.multiprocessing as mp
 
     from comfy_xdit_patch.wire import channel as channel_mod
+    from comfy_xdit_patch.tools.diagnostics import DriverProbe
     from comfy_xdit_patch.wire.channel import DriverChannel
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     ch = DriverChannel(a.ranks)
+    probe = ch.probe = DriverProbe()
     if gpu:
         ch.spin_lead = getattr(channel_mod, "SPIN_LEAD", None)
     if a.driver_spin_lead_ms is not None:
@@ -131,11 +135,11 @@ def main():
         args = (x, timestep, context, y, guidance, None, None)
         kwargs = {"transformer_options": {"rope_options": None}}
         t0 = time.perf_counter()
-        before = dict(ch.timing)
+        before = dict(probe.timing)
         ch.request("call", ("key", "flux", ("mesh", a.ranks), 1, args, kwargs), keep=[context, y],
                    device=device)
         t1 = time.perf_counter()
-        return t0, t1, {k: v - before.get(k, 0.0) for k, v in ch.timing.items()}
+        return t0, t1, {k: v - before.get(k, 0.0) for k, v in probe.timing.items()}
 
     for _ in range(30):
         call()
