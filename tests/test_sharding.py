@@ -34,14 +34,14 @@ def test_auto_layout():
         choose_mesh(4, 1, 24, Mesh(2, 2, 1), False)  # forced cfg 2 with a batch of 1
 
 
-def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype, tol, exchange="collective"):
+def _attention_case(rank, world, backend, mesh, chunks, txt, img, kernel, dtype, tol, exchange="collective", heads=4):
     import comfy.ldm.modules.attention as attn
 
     from comfy_xdit_patch.rank import attention
     from comfy_xdit_patch.rank.worker import build_groups
 
     device = ranks.DEVICE
-    heads, d = 4, 64
+    d = 64
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, txt + img, d, generator=g).to(device) for _ in range(3))
     reference = attn.attention_pytorch(q, k, v, heads, skip_reshape=True)  # (1, L, H*D), fp32
@@ -83,6 +83,38 @@ U2 = Mesh(1, 2, 1)
 ])
 def test_attention_matches_full_attention(backend, world, mesh, chunks, txt, img, kernel):
     ranks.run(_attention_case, world, backend, mesh, chunks, txt, img, kernel, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("backend,world,heads,chunks,txt,img", [
+    ("torch", 2, 8, (1, 2, 1), 8, 15),  # tapered: the first and last pieces small, filler on the last rank
+    ("torch", 3, 12, (1, 2, 1), 7, 30),
+    ("torch", 2, 12, (2, 1, 3), 5, 9),  # any schedule that adds up
+    ("torch", 2, 8, (1, 2), 8, 16),  # one that doesn't (4 heads per rank): one piece
+    ("gather", 3, 4, (1, 2, 1), 7, 30),
+])
+def test_exchange_schedules_are_exact(backend, world, heads, chunks, txt, img):
+    """The overlapped exchange, in pieces of any sizes over gloo: the same result as one attention."""
+    ranks.run(_attention_case, world, backend, Mesh(1, world, 1), chunks, txt, img, "auto", torch.float32, 1e-5,
+              "collective", heads)
+
+
+def test_tuner_tries_a_tapered_schedule_and_keeps_the_fastest():
+    from comfy_xdit_patch.driver.tuning import TRIALS, ChunkTuner, candidates
+    from comfy_xdit_patch.rank.attention.ulysses import head_pieces
+
+    assert candidates(12) == [1, 2, 3, (2, 8, 2)] and candidates(6) == [1, 2, 3, (1, 4, 1)]
+    assert candidates(3) == [1, 3] and candidates(2) == [1, 2]  # (1, 1, 1) is three equal pieces
+    assert head_pieces(12, (2, 8, 2)) == (2, 8, 2) and head_pieces(12, 3) == (4, 4, 4)
+    assert head_pieces(12, (2, 8)) == (12,) and head_pieces(12, 5) == (12,)
+    tuner, key = ChunkTuner(None), ("shape", "mesh")
+    seconds = {1: 1.0, 2: 0.9, 3: 0.8, (2, 8, 2): 0.7}
+    tried = []
+    while key not in tuner.best:
+        chunks = tuner.choose(key, 12)
+        tried.append(chunks)
+        tuner.record(key, chunks, seconds[chunks])
+    assert tried == [c for c in seconds for _ in range(TRIALS)] and tuner.best[key] == (2, 8, 2)
+    assert ChunkTuner(4).choose(key, 12) == 4 and ChunkTuner(5).choose(key, 12) == 1
 
 
 def test_loopback_exchange_hands_each_rank_its_own_pieces():

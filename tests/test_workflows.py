@@ -136,6 +136,20 @@ def test_four_ranks_cfg_times_ulysses(config, router, flux_file, load_flux):
         patch.install(config, router=router)
 
 
+def test_tuned_exchange_schedules_route_exactly(compare, router, flux_file, load_flux, monkeypatch):
+    """The tuner as on GPUs (COMFY_XDIT_A2A_CHUNKS=auto): 8 heads, 4 per rank, so it tries 1 and 2 equal pieces
+    and the tapered (1, 2, 1) on the first calls, each sent with its call to the ranks; every step equal."""
+    from comfy_xdit_patch.driver.tuning import ChunkTuner
+
+    model = load_flux(flux_file(heads=8, seed=6))
+    tuner, tried = ChunkTuner(None), []
+    record = tuner.record
+    monkeypatch.setattr(tuner, "record", lambda key, chunks, seconds: (tried.append(chunks), record(key, chunks, seconds)))
+    monkeypatch.setattr(router, "tuner", tuner)
+    compare(lambda: run(model, steps=10))
+    assert tried[:9] == [1] * 3 + [2] * 3 + [(1, 2, 1)] * 3 and len(tuner.best) == 1
+
+
 def test_impossible_forced_layout_is_refused_before_sampling(router, flux, monkeypatch, caplog):
     import dataclasses
 

@@ -40,7 +40,7 @@ class FirstCall:
     world: int
     family: str
     mesh: object
-    chunks: int
+    chunks: int | tuple[int, ...]
     args: tuple
     kwargs: dict
 
@@ -87,7 +87,7 @@ def remember(spec: ModelSpec) -> None:
         log.debug("comfy_xdit_patch: the last model was not recorded (%s: %s)", type(e).__name__, e)
 
 
-def remember_call(spec: ModelSpec, world: int, family: str, mesh, chunks: int, args: tuple, kwargs: dict) -> None:
+def remember_call(spec: ModelSpec, world: int, family: str, mesh, chunks, args: tuple, kwargs: dict) -> None:
     """After the first routed call of the remembered model (once a process): that call, its tensors copied
     to the CPU, for the next process's group to run once ahead. Never raises."""
     rec = _recorder

@@ -247,7 +247,7 @@ class WorkerGroup:
         if absent:
             raise ModelFileMissing(ray_nodes.absent_message(absent))
 
-    def call(self, key: str, family: str, mesh, chunks: int, args: tuple, kwargs: dict, **kw):
+    def call(self, key: str, family: str, mesh, chunks, args: tuple, kwargs: dict, **kw):
         """One model call on every rank (kw: request's keep, device, timeout, interruptible)."""
         self.check_ray()  # each call, not only a wait over 50 ms (check_alive): fast steps never wait that long
         return self.request(Call(key, family, mesh, chunks, args, kwargs), **kw)

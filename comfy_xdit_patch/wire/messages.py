@@ -21,7 +21,7 @@ class Call(NamedTuple):
     key: str  # the ModelSpec.key made current by Prepare
     family: str  # plans: which Plan applies
     mesh: Any  # config.Mesh: the call's layout
-    chunks: int  # pieces the Ulysses exchange is cut into
+    chunks: int | tuple[int, ...]  # how the Ulysses exchange is cut: equal pieces, or heads per piece
     args: tuple
     kwargs: dict
     op = "call"

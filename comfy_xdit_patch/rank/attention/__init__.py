@@ -57,7 +57,7 @@ def factory(backend: str, mesh: Mesh, groups, kernel: str = "auto", exchange=Non
 
         usp_attn = usp.USPAttention(mesh, groups, kernel)
 
-    def make(shard: Shard, chunks: int = 1):
+    def make(shard: Shard, chunks=1):
         if usp_attn is not None and shard.pad == 0:
             return heads_first(usp_attn.override)
         if mesh.ring > 1:

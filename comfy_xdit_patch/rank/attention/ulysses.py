@@ -4,18 +4,29 @@ Each rank holds `Shard.tokens` tokens of every head. All-to-alls of q, k and v g
 sequence for heads/world of the heads; ComfyUI's own attention function runs on that; an all-to-all
 of the output brings each token's result back to its rank.
 
-Heads are dealt out piece-major: head (c * world + j) * h + i goes to rank j in piece c. For a batch
-of one, every piece of q/k/v is then already laid out rank by rank, so nothing is copied before
-sending, and the output goes back in one strided copy. With `chunks` > 1 the pieces are exchanged
-asynchronously: piece c's attention runs while piece c+1 arrives and piece c-1's output leaves.
-Per-head results are the same for any `chunks`.
+The heads are exchanged in pieces (`chunks`, see head_pieces), asynchronously: piece c's attention runs
+while piece c+1 arrives and piece c-1's output leaves, so only the first piece's arrival and the last
+one's departure are not hidden. A tapered schedule, small pieces first and last, shrinks those two.
+Heads are dealt out piece-major: of piece c (heads from s_c * world, h_c per rank), head
+(s_c * world + j * h_c + i) goes to rank j. For a batch of one, every piece of q/k/v is then already
+laid out rank by rank, so nothing is copied before sending, and the output goes back in one strided
+copy. Per-head results are the same for any schedule.
 """
 from __future__ import annotations
 
 import torch
 
 
-def make_override(exchange, world: int, total: int, chunks: int = 1):
+def head_pieces(count: int, chunks) -> tuple[int, ...]:
+    """Heads per piece: `chunks` equal pieces (an int), or the schedule itself (a tuple of head counts,
+    e.g. (1, 2, 1): tapered); one piece where the heads don't divide or the schedule doesn't add up."""
+    if isinstance(chunks, int):
+        return (count // chunks,) * chunks if chunks > 0 and count % chunks == 0 else (count,)
+    pieces = tuple(int(n) for n in chunks)
+    return pieces if pieces and min(pieces) > 0 and sum(pieces) == count else (count,)
+
+
+def make_override(exchange, world: int, total: int, chunks=1):
     """optimized_attention_override for ComfyUI's attention calls inside one sharded model call.
 
     `total` is the number of real tokens; anything past it in the gathered sequence is filler.
@@ -26,23 +37,24 @@ def make_override(exchange, world: int, total: int, chunks: int = 1):
             # NOTE: FLUX always passes (B, H, L, D) with no mask; anything else is a bug upstream of us.
             raise RuntimeError("sequence-parallel attention needs (B,H,L,D) q/k/v, no mask, heads % ranks == 0")
         b, _, length, d = q.shape
-        g = chunks if (heads // world) % chunks == 0 else 1
-        h = heads // world // g
+        sizes = head_pieces(heads // world, chunks)
+        starts = [sum(sizes[:c]) * world for c in range(len(sizes))]
 
-        def piece(t, c):  # (B, H, L, D) -> (world, B, h, L, D) for piece c; a view when B == 1
-            return t.reshape(b, g, world, h, length, d)[:, c].transpose(0, 1).contiguous()
+        def piece(t, c):  # (B, H, L, D) -> (world, B, h_c, L, D) for piece c; a view when B == 1
+            s, h = starts[c], sizes[c]
+            return t[:, s:s + world * h].reshape(b, world, h, length, d).transpose(0, 1).contiguous()
 
         exchange.begin(4 * q.numel(), q.dtype)  # q, k, v in; the output back
-        incoming = [exchange.start([piece(q, c), piece(k, c), piece(v, c)]) for c in range(g)]
-        result = q.new_empty(b, length, g, world, h, d)
+        incoming = [exchange.start([piece(q, c), piece(k, c), piece(v, c)]) for c in range(len(sizes))]
+        result = q.new_empty(b, length, heads, d)
         outgoing = []
-        for wait in incoming:
+        for h, wait in zip(sizes, incoming):
             full = [torch.cat(pieces, dim=2) for pieces in wait()]  # (B, h, world * L, D), rank by rank
             out = func(full[0], full[1][:, :, :total], full[2][:, :, :total], h, *args, skip_reshape=True, **kwargs)
             outgoing.append(exchange.start([out.reshape(b, world, length, h * d).transpose(0, 1).contiguous()]))
-        for c, wait in enumerate(outgoing):
-            for j, back in enumerate(wait()[0]):  # (B, L, h * D) from rank j: its heads of my tokens
-                result[:, :, c, j] = back.reshape(b, length, h, d)
+        for s, h, wait in zip(starts, sizes, outgoing):
+            # (B, L, h_c * D) from rank j: its heads of my tokens, which sit side by side in head order
+            result[:, :, s:s + world * h] = torch.stack(wait()[0], dim=2).reshape(b, length, world * h, d)
         return result.reshape(b, length, heads * d)
 
     return override
