@@ -3,6 +3,7 @@ import logging
 
 import comfy.model_management
 import comfy.samplers
+import comfy.sd
 import pytest
 
 from comfy_xdit_patch import plans
@@ -13,6 +14,7 @@ from conftest import assert_originals
 def test_installed_wrappers_and_exact_restore(router, unrouted):
     assert patch.installed()
     assert comfy.samplers.CFGGuider.__dict__["sample"].__wrapped__ is not None
+    assert comfy.sd.VAE.__dict__["decode"].__wrapped__ is not None
     with unrouted():
         assert_originals()
     assert patch.installed()

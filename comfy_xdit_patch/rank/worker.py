@@ -136,7 +136,11 @@ class Worker:
         self.counters = collections.Counter()
         self.last_call = None  # wall-clock time of the last model call
         self.load_seconds = 0.0
-        self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach}
+        from .vae import Decodes
+
+        self.decodes = Decodes(rank, world, self.device)  # the VAE decodes shared out by rows (rank/vae.py)
+        self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach,
+                         "decode": self.decodes}
         self.diagnostics = None  # see attach()
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
@@ -217,7 +221,7 @@ class Worker:
                "calls": self.counters["calls"], "last_call": self.last_call,
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases),
+               "decodes": self.decodes.count, "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases),
                "weights": self.weights.stats(reset)}
         from .facts import device_facts
 
