@@ -58,9 +58,12 @@ def test_toggle_off_installs_nothing(hook):
     assert hook({}) is None  # unset: on only with >= 2 GPUs; this machine has none
 
 
-def test_toggle_on_installs(hook):
-    router = hook({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"})
+def test_toggle_on_installs(hook, caplog):
+    with caplog.at_level(logging.INFO, logger="comfy_xdit_patch"):
+        router = hook({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"})
     assert router is not None and router.config.workers == 2
+    # the start-up line names every family routed on this ComfyUI
+    assert "comfy_xdit_patch: routing FLUX, Chroma and Wan to 2 CPU rank(s)" in caplog.messages
 
 
 @pytest.mark.parametrize("var,value", [("COMFY_XDIT_WORKERS", "two"), ("COMFY_XDIT_PARALLEL", "ring=banana"),

@@ -119,7 +119,7 @@ def test_two_copies_in_custom_nodes_one_serves(base_dir, tmp_path):
     assert len(lines) == 1 and "comfy-xdit-second-copy" in log and os.path.join("custom_nodes", "comfy_xdit_patch") \
         in lines[0], lines
     assert status["last_run"]["routed"] == 4 and status["last_run"]["local"] == 0, status["last_run"]
-    assert log.count("routing FLUX to 2") == 1 and log.count("worker group ready") == 1
+    assert log.count("routing FLUX, Chroma and Wan to 2") == 1 and log.count("worker group ready") == 1
     assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log)
 
 

@@ -81,7 +81,10 @@ def install(config: Config, router=None):
         if not _exit_hook[0]:
             atexit.register(_at_exit)  # the worker group is torn down when ComfyUI exits
             _exit_hook[0] = True
-        log.info("comfy_xdit_patch: routing FLUX to %d %s rank(s)", config.workers, "GPU" if config.use_gpu else "CPU")
+        from .. import plans
+
+        log.info("comfy_xdit_patch: routing %s to %d %s rank(s)", plans.routed(), config.workers,
+                 "GPU" if config.use_gpu else "CPU")
         return router
 
 
