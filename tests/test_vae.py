@@ -127,6 +127,8 @@ def _requests(rank, world, pickled, path):
     else:
         assert out is None
     assert handler.count == 1 and list(handler.vaes) == [spec.key]
+    with pytest.raises(Unroutable, match="sharded"):  # weights shared by the ranks stay where they are
+        handler(Decode(spec, latent, 0), sharded=True)
     if rank == 1:  # this rank's file is another one
         path_, size, mtime = spec.files[0]
         spec = dataclasses.replace(spec, key="other", files=((path_, size + 1, mtime),))

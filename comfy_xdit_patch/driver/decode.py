@@ -3,7 +3,7 @@
 ComfyUI has no wrapper seam for VAEs; `comfy.sd.VAE.decode` is the method its decode nodes call (VAEDecode, and
 the video nodes through it), so `VaeDecode` wraps it with wrapt (driver/patch.py). A decode goes to the ranks when
 
-- the plugin is on and its worker group is up (a decode never starts one),
+- the plugin is on and its worker group is up (a decode never starts one), between sampling runs,
 - the VAE is one the ranks decode by rows (plans/vae.py) and can build: ComfyUI's loader left a recipe on its
   patcher (VAELoader, the checkpoint loaders), and nothing patches it,
 - no `vae_options`, a latent at least a row per rank high, and an output of at least COMFY_XDIT_VAE_MIN_PIXELS
@@ -66,6 +66,8 @@ class VaeDecode:
         router, config = self.router, self.router.config
         group = router.group
         if group is None or not router.active or self.off or config.vae_min_pixels is None or options:
+            return None
+        if router.run is not None:  # inside a sampling run (a node's preview): the ranks keep to the model
             return None
         model = getattr(vae, "first_stage_model", None)
         if model is None or vae_kind(model) is None or latent is None or latent.ndim != 2 + vae.latent_dim:

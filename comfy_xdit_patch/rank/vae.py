@@ -260,6 +260,7 @@ class Decodes:
         self.rank, self.world, self.device = rank, world, device
         self.vaes: collections.OrderedDict = collections.OrderedDict()  # spec key -> the VAE's patcher
         self.count = 0  # decodes this rank took part in
+        self.moved = False  # the last decode's load moved weights of the diffusion model held current
 
     def _ready(self, message):
         import comfy.model_management as mm
@@ -279,12 +280,21 @@ class Decodes:
         mm.load_models_gpu([patcher], memory_required=message.memory, force_full_load=True)
         return patcher.model
 
-    def __call__(self, message) -> torch.Tensor | None:
-        latent = message.latent
-        problem, model = None, None
+    def __call__(self, message, held=None, sharded: bool = False) -> torch.Tensor | None:
+        """`held`: the patcher of the diffusion model this rank holds current (or None), whose weights the VAE's
+        load may move off the device to make room, as ComfyUI's own decode would (`moved` says so after);
+        `sharded`: its weights are shared by the ranks (rank/weights.py), which ComfyUI can't move: refused."""
+        before = held.loaded_size() if held is not None else None
+        try:
+            return self._decode(message, "the diffusion model's weights are sharded" if sharded else None)
+        finally:
+            self.moved = held is not None and held.loaded_size() != before
+
+    def _decode(self, message, problem):
+        latent, model = message.latent, None
         try:
             rows = Rows(split_rows(latent.shape[-2], self.world), self.rank)
-            model = self._ready(message)
+            model = None if problem else self._ready(message)
         except Exception as e:
             problem = str(e) if isinstance(e, Unroutable) else f"rank {self.rank}: {type(e).__name__}: {e}"
         # NOTE: every rank reaches this one collective whatever it found, and all refuse together: a rank that

@@ -140,7 +140,7 @@ class Worker:
 
         self.decodes = Decodes(rank, world, self.device)  # the VAE decodes shared out by rows (rank/vae.py)
         self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach,
-                         "decode": self.decodes}
+                         "decode": self.decode}
         self.diagnostics = None  # see attach()
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
@@ -306,6 +306,12 @@ class Worker:
             _settle_heap()
         self.load_seconds = time.perf_counter() - t0
         return Ready()
+
+    def decode(self, message):
+        out = self.decodes(message, self.loaded.get(self.current), self.weights.sharded(self.current or ""))
+        if self.decodes.moved:  # NOTE: captured graphs point at the weights the VAE's load moved: the next
+            self.current = None  # prepare loads the model again, as a changed one, and forgets them
+        return out
 
     def _kernel_preference(self):
         """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""
