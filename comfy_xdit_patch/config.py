@@ -64,6 +64,7 @@ class Config:
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
     join_retry: float  # seconds before a run tries again to join a cluster that could not be joined
     shard_weights: str  # "auto" | "on" | "off": ranks keep 1/N of each block's weights (rank/weights.py)
+    vae_min_pixels: int | None  # a VAE decode of at least this many pixels a latent is shared out by rows; None: never
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -145,6 +146,14 @@ def _chunks(var: str, raw: str) -> int | None:
     return int(raw)
 
 
+def _pixels(var: str, raw: str) -> int | None:
+    if raw == "off":
+        return None
+    if not raw.isdigit():
+        raise ConfigError(var, raw, "off, or a whole number of pixels >= 0")
+    return int(raw)
+
+
 def _text(var: str, raw: str) -> str:
     return raw
 
@@ -214,6 +223,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool, "tuning"),
+    EnvVar("COMFY_XDIT_VAE_MIN_PIXELS", "4194304 (2048²)",
+           "A VAE decode (FLUX's, Wan 2.1 / 2.2's) whose output has at least this many pixels per latent (frames x "
+           "height x width) runs on the worker group, each rank decoding a band of rows, when the group is up; `0`: "
+           "every such decode, `off`: none. At the default: FLUX images from 2048², 480p Wan clips from 13 frames.",
+           _pixels, "tuning"),
     # --- diagnostics (docs/configuration.md): wrong images on purpose, never for real work ---
     EnvVar("COMFY_XDIT_DIAG_LOOPBACK", "0",
            "`1`: the Ulysses exchange hands each rank its own pieces and nothing crosses between ranks (overrides "
@@ -311,6 +325,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
         join_retry=val.get("COMFY_XDIT_JOIN_RETRY", 30.0),
         shard_weights=val.get("COMFY_XDIT_SHARD_WEIGHTS", "auto"),
+        vae_min_pixels=val.get("COMFY_XDIT_VAE_MIN_PIXELS", 2048 * 2048),
         gpus=gpus,
     )
 

@@ -18,11 +18,13 @@ COMFYUI = locate.import_comfy(cpu=True)
 
 import comfy.model_management  # noqa: E402  (after args.cpu)
 import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
 
 # ComfyUI's functions before any test attached the plugin
 ORIGINALS = {
     (comfy.samplers.CFGGuider, "sample"): comfy.samplers.CFGGuider.__dict__["sample"],
     (comfy.model_management, "load_models_gpu"): comfy.model_management.__dict__["load_models_gpu"],
+    (comfy.sd.VAE, "decode"): comfy.sd.VAE.__dict__["decode"],
 }
 
 

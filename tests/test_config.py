@@ -29,6 +29,12 @@ def test_explicit_values():
     assert (c.fallback, c.timeout, c.ray_address) == ("error", 2.5, "10.0.0.1:6379")
 
 
+def test_vae_decodes_on_the_ranks_from_a_size():
+    assert cfg.load({}, gpus=2).vae_min_pixels == 2048 * 2048  # FLUX from 2048², a 480p Wan clip from 13 frames
+    assert cfg.load({"COMFY_XDIT_VAE_MIN_PIXELS": "0"}, gpus=2).vae_min_pixels == 0  # every decode
+    assert cfg.load({"COMFY_XDIT_VAE_MIN_PIXELS": "off"}, gpus=2).vae_min_pixels is None
+
+
 @pytest.mark.parametrize("env,var", [
     ({"COMFY_XDIT": "maybe"}, "COMFY_XDIT"),
     ({"COMFY_XDIT_WORKERS": "0"}, "COMFY_XDIT_WORKERS"),
@@ -43,6 +49,7 @@ def test_explicit_values():
     ({"COMFY_XDIT_EXCHANGE": "nvshmem"}, "COMFY_XDIT_EXCHANGE"),
     ({"COMFY_XDIT_PRESTART": "soon"}, "COMFY_XDIT_PRESTART"),
     ({"COMFY_XDIT_DIAG_LOOPBACK": "maybe"}, "COMFY_XDIT_DIAG_LOOPBACK"),
+    ({"COMFY_XDIT_VAE_MIN_PIXELS": "2048x2048"}, "COMFY_XDIT_VAE_MIN_PIXELS"),
 ])
 def test_bad_values_name_the_variable_and_the_accepted_values(env, var):
     with pytest.raises(cfg.ConfigError) as e:

@@ -3,6 +3,7 @@ import logging
 
 import comfy.model_management
 import comfy.samplers
+import comfy.sd
 import pytest
 
 from comfy_xdit_patch import plans
@@ -13,6 +14,7 @@ from conftest import assert_originals
 def test_installed_wrappers_and_exact_restore(router, unrouted):
     assert patch.installed()
     assert comfy.samplers.CFGGuider.__dict__["sample"].__wrapped__ is not None
+    assert comfy.sd.VAE.__dict__["decode"].__wrapped__ is not None
     with unrouted():
         assert_originals()
     assert patch.installed()
@@ -56,9 +58,12 @@ def test_toggle_off_installs_nothing(hook):
     assert hook({}) is None  # unset: on only with >= 2 GPUs; this machine has none
 
 
-def test_toggle_on_installs(hook):
-    router = hook({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"})
+def test_toggle_on_installs(hook, caplog):
+    with caplog.at_level(logging.INFO, logger="comfy_xdit_patch"):
+        router = hook({"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": "2"})
     assert router is not None and router.config.workers == 2
+    # the start-up line names every family routed on this ComfyUI
+    assert "comfy_xdit_patch: routing FLUX, Chroma and Wan to 2 CPU rank(s)" in caplog.messages
 
 
 @pytest.mark.parametrize("var,value", [("COMFY_XDIT_WORKERS", "two"), ("COMFY_XDIT_PARALLEL", "ring=banana"),

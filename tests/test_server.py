@@ -18,19 +18,23 @@ def base_dir(tmp_path_factory, router):
     base = headless.prepare_base(str(tmp_path_factory.mktemp("comfy_base")), REPO)
     synthetic.save(synthetic.tiny_flux(seed=0), os.path.join(base, "models/diffusion_models/tiny_flux.safetensors"))
     synthetic.save(synthetic.taesd_vae(16, seed=0), os.path.join(base, "models/vae/tiny_taesd16.safetensors"))
+    synthetic.save(synthetic.kl_vae(seed=0), os.path.join(base, "models/vae/tiny_kl.safetensors"))
     return base
 
 
 WORKFLOW = headless.flux_workflow(96, 80, steps=4, seed=5, unet="tiny_flux.safetensors",
                                   vae="tiny_taesd16.safetensors", context_dim=synthetic.TINY_CONTEXT_DIM)
+# FLUX.1's own kind of VAE (a KL decoder), which the ranks can decode by rows
+KL_WORKFLOW = headless.flux_workflow(96, 80, steps=4, seed=5, unet="tiny_flux.safetensors",
+                                     vae="tiny_kl.safetensors", context_dim=synthetic.TINY_CONTEXT_DIM)
 
 
-def render(base_dir, env, name, before=None, after=None):
+def render(base_dir, env, name, before=None, after=None, workflow=WORKFLOW):
     with headless.Server(COMFYUI, base_dir, env=dict(env, COMFY_XDIT_WORKERS="2"), cpu=True,
                          log_path=os.path.join(base_dir, f"{name}.log")) as server:
         if before:
             before(server)
-        result = server.run(WORKFLOW, timeout=600)
+        result = server.run(workflow, timeout=600)
         if after:
             after(server)
         log = server.log()
@@ -49,11 +53,13 @@ def ranks_allocator(server):
 
 
 def test_images_agree_with_plugin_on_and_off(base_dir):
-    on, log_on = render(base_dir, {"COMFY_XDIT": "1",
+    """With FLUX's kind of VAE, and its decode on the ranks too (COMFY_XDIT_VAE_MIN_PIXELS=0: any size)."""
+    on, log_on = render(base_dir, {"COMFY_XDIT": "1", "COMFY_XDIT_VAE_MIN_PIXELS": "0",
                                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"},
-                        "on", after=ranks_allocator)
-    off, log_off = render(base_dir, {"COMFY_XDIT": "0"}, "off")
+                        "on", after=ranks_allocator, workflow=KL_WORKFLOW)
+    off, log_off = render(base_dir, {"COMFY_XDIT": "0"}, "off", workflow=KL_WORKFLOW)
     assert "worker group ready: 2 ranks" in log_on
+    assert "decoded a 1x16x10x12 latent with the KL VAE on 2 ranks" in log_on
     # started by prestartup_script.py before ComfyUI imported its nodes, and that group was the one used
     assert -1 < log_on.find("starting 2 CPU ranks while ComfyUI loads") < log_on.find("Import times for custom nodes")
     assert log_on.count("worker group ready") == 1
@@ -113,7 +119,7 @@ def test_two_copies_in_custom_nodes_one_serves(base_dir, tmp_path):
     assert len(lines) == 1 and "comfy-xdit-second-copy" in log and os.path.join("custom_nodes", "comfy_xdit_patch") \
         in lines[0], lines
     assert status["last_run"]["routed"] == 4 and status["last_run"]["local"] == 0, status["last_run"]
-    assert log.count("routing FLUX to 2") == 1 and log.count("worker group ready") == 1
+    assert log.count("routing FLUX, Chroma and Wan to 2") == 1 and log.count("worker group ready") == 1
     assert re.search(r"4 of 4 model calls ran on the 2-rank worker group", log)
 
 

@@ -247,3 +247,21 @@ def test_broken_says_why_in_process(config):
         assert pushed and pushed[-1]["state"] == "broken"
     finally:
         status.reset()
+
+
+def test_size_shows_pixels_by_the_models_latent_format(tiny_flux, tmp_path):
+    """The run's size (the document's last_run, the panel) in pixels: 8 a latent cell for FLUX.1 and Wan 2.1,
+    16 for Wan 2.2 TI2V-5B, from ComfyUI's latent format; a video's frames from its temporal ratio."""
+    import comfy.sd
+
+    from comfy_xdit_patch.driver.router import pixel_size
+    from comfy_xdit_patch.tools import synthetic_wan
+
+    def load(path):
+        return comfy.sd.load_diffusion_model(path)
+
+    assert pixel_size(load(tiny_flux), (1, 16, 10, 12)) == "96x80"
+    for layout, shape, size in (("2.1-t2v", (1, 16, 5, 6, 10), "80x48, 17 frames"),
+                                ("2.2-ti2v-5b", (1, 48, 4, 6, 7), "112x96, 13 frames")):
+        path = synthetic.save(synthetic_wan.tiny_wan(layout, layers=1), str(tmp_path / f"{layout}.safetensors"))
+        assert pixel_size(load(path), shape) == size, layout

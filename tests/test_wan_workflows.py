@@ -124,7 +124,7 @@ class _StandInVae22:
 
 
 @pytest.mark.parametrize("start_image", [False, True], ids=["text-to-video", "image-to-video"])
-def test_ti2v_5b(routed_all, wan_file, start_image):
+def test_ti2v_5b(routed_all, router, wan_file, start_image):
     """Wan 2.2 TI2V-5B (48-channel latents): with a start image the noise mask gives each latent frame its own
     timestep, so each rank's tokens take their frames' modulation rows."""
     model = load(wan_file("2.2-ti2v-5b"))
@@ -135,6 +135,7 @@ def test_ti2v_5b(routed_all, wan_file, start_image):
     assert ("noise_mask" in latent) == start_image
     _, calls, layouts = routed_all(lambda: ksample(model, text(1), text(2), latent, steps=3))
     assert calls == 3 and layouts == {SEQ: 3}
+    assert router.last_run["size"] == "112x96, 13 frames"  # 16 pixels a latent cell (Wan 2.2's VAE), not 8
 
 
 def two_passes(high, low, pos, neg):

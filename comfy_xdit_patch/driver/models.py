@@ -84,16 +84,22 @@ def _unsendable(inputs) -> str | None:
 
 def note(obj, inputs: dict, v3_data, outputs) -> None:
     """Attach a NodeCall to each MODEL `obj` returned that no recipe or earlier record describes; stamp
-    the files of a new recipe's (so that a file changed since is refused by the ranks, not loaded)."""
+    the files of a new recipe's, a MODEL's or a VAE's (so that a file changed since is refused by the ranks,
+    not loaded)."""
     import comfy.model_patcher
+    import comfy.sd
     import folder_paths
 
     cls = obj if isinstance(obj, type) else type(obj)
     for index, values in enumerate(outputs or ()):
         for patcher in values if isinstance(values, list) else ():
+            vae = isinstance(patcher, comfy.sd.VAE)
+            patcher = getattr(patcher, "patcher", None) if vae else patcher  # a VAE's too (driver/decode.py)
             if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or KEY in patcher.attachments:
                 continue
-            if patcher.cached_patcher_init is not None:
+            if vae or patcher.cached_patcher_init is not None:
+                if patcher.cached_patcher_init is None:
+                    continue  # a VAE no recipe describes is decoded in ComfyUI's process: nothing to replay
                 if FILES not in patcher.attachments:  # NOTE: the file as loaded, not as it may be by the run
                     args = patcher.cached_patcher_init[1]
                     patcher.attachments[FILES] = stamps(a for a in args if isinstance(a, str) and os.path.isfile(a))

@@ -1,9 +1,10 @@
 """The one chokepoint that attaches the plugin to ComfyUI and takes it off again.
 
-wrapt wrappers: `comfy.samplers.CFGGuider.sample` (to register our ComfyUI wrappers on a FLUX
-sampling run) and `comfy.model_management.load_models_gpu` (so a routed model's weights stay off this
+wrapt wrappers: `comfy.samplers.CFGGuider.sample` (to register our ComfyUI wrappers on a sampling run
+of a routed family) and `comfy.model_management.load_models_gpu` (so a routed model's weights stay off this
 process's GPU), both delegating to the Router; `execution.get_output_data` (models.record: which
-loader node made a model that has no recipe). uninstall() puts back the exact originals.
+loader node made a model that has no recipe); `comfy.sd.VAE.decode` (decode.VaeDecode: a large decode shared
+out among the ranks by rows). uninstall() puts back the exact originals.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ _TARGETS = (
     ("comfy.samplers", "CFGGuider.sample", "sample"),
     ("comfy.model_management", "load_models_gpu", "load_models_gpu"),
     ("execution", "get_output_data", "models.record"),  # which loader node made a model without a recipe
+    ("comfy.sd", "VAE.decode", "decode.VaeDecode"),  # a large VAE decode on the ranks
 )
 
 _lock = threading.Lock()
@@ -67,6 +69,10 @@ def install(config: Config, router=None):
                 from . import models
 
                 handler = models.record
+            elif method == "decode.VaeDecode":
+                from .decode import VaeDecode
+
+                handler = VaeDecode(router)
             else:
                 handler = getattr(router, method)
             wrapt.wrap_function_wrapper(owner, attr, lambda wrapped, instance, args, kwargs, h=handler:
@@ -75,7 +81,10 @@ def install(config: Config, router=None):
         if not _exit_hook[0]:
             atexit.register(_at_exit)  # the worker group is torn down when ComfyUI exits
             _exit_hook[0] = True
-        log.info("comfy_xdit_patch: routing FLUX to %d %s rank(s)", config.workers, "GPU" if config.use_gpu else "CPU")
+        from .. import plans
+
+        log.info("comfy_xdit_patch: routing %s to %d %s rank(s)", plans.routed(), config.workers,
+                 "GPU" if config.use_gpu else "CPU")
         return router
 
 

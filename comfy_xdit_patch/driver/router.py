@@ -44,8 +44,20 @@ class Run:
     loaded_here: bool = False  # ComfyUI's process loaded the weights (then it owns their state)
     routed: int = 0
     here: int = 0
-    size: str = ""  # of the first routed call, as pixels, e.g. "1024x1024" (FLUX: 8 pixels a latent cell)
+    size: str = ""  # of the first routed call, as pixels, e.g. "1024x1024" (pixel_size)
     layout: str = ""
+
+
+def pixel_size(patcher, shape) -> str:
+    """A latent's size in pixels, as the status shows it: "1024x1024", a video's frames after it ("832x480, 81
+    frames"), through the model's latent format (8 pixels a latent cell for FLUX.1 and Wan 2.1, 16 for FLUX.2
+    and Wan 2.2 TI2V-5B; a causal video VAE's first latent frame is one frame, each next one `temporal`)."""
+    latent_format = patcher.get_model_object("latent_format")
+    cell = getattr(latent_format, "spacial_downscale_ratio", 8)
+    size = f"{shape[-1] * cell}x{shape[-2] * cell}"
+    if len(shape) == 5:
+        size += f", {(shape[2] - 1) * getattr(latent_format, 'temporal_downscale_ratio', 1) + 1} frames"
+    return size
 
 
 class Router:
@@ -256,7 +268,7 @@ class Router:
                            "splits across nodes instead)", mesh, len(set(node_of)))
             shape = (tuple(args[0].shape), mesh)
             if not run.size:
-                run.size, run.layout = f"{args[0].shape[-1] * 8}x{args[0].shape[-2] * 8}", str(mesh)
+                run.size, run.layout = pixel_size(run.patcher, args[0].shape), str(mesh)
             if shape not in self._warm:
                 self._first_call(run, mesh)
             local_heads = heads if self.group.attention == "gather" else heads // mesh.ulysses

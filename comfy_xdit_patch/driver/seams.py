@@ -55,6 +55,7 @@ SEAMS = (
     ("comfy.model_management.unload_model_and_clones", lambda: _has("comfy.model_management:unload_model_and_clones")),
     ("ModelPatcher.cached_patcher_init", lambda: _sets("comfy.model_patcher", "ModelPatcher", "cached_patcher_init")),
     ("execution.get_output_data(v3_data=)", lambda: _takes("execution", "get_output_data", "v3_data")),
+    ("comfy.sd.VAE.decode", lambda: _has("comfy.sd:VAE.decode")),
     ("transformer_options['optimized_attention_override']",
      lambda: _has("comfy.ldm.modules.attention:wrap_attn") and _takes("comfy.ldm.flux.math", "attention",
                                                                       "transformer_options")),

@@ -18,6 +18,12 @@ def by_family(family: str) -> Plan:
     return next(p for p in PLANS if p.family == family)
 
 
+def routed() -> str:
+    """The families this ComfyUI has, as the logs name them: "FLUX, Chroma and Wan"."""
+    names = [p.name for p in PLANS if p.model_type() is not None]
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else "no family"
+
+
 def plan_for(diffusion_model) -> Plan | None:
     for plan in PLANS:
         cls = plan.model_type()
@@ -26,4 +32,4 @@ def plan_for(diffusion_model) -> Plan | None:
     return None
 
 
-__all__ = ["Plan", "BlockSeam", "PLANS", "by_family", "plan_for", "head_count", "bind"]
+__all__ = ["Plan", "BlockSeam", "PLANS", "by_family", "plan_for", "routed", "head_count", "bind"]

@@ -20,6 +20,7 @@ _COMMON = dict(
 
 FLUX = Plan(
     family="flux",
+    name="FLUX",
     model_class="comfy.ldm.flux.model:Flux",
     refuse=(
         ("attention_mask", None, "attention masks"),
@@ -33,6 +34,7 @@ FLUX = Plan(
 
 CHROMA = Plan(
     family="chroma",
+    name="Chroma",
     model_class="comfy.ldm.chroma.model:Chroma",
     refuse=(("attention_mask", None, "attention masks"),),
     entry_none=("attn_mask",),

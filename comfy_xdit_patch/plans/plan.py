@@ -64,6 +64,7 @@ class Plan:
     blocks: tuple[str, ...] = ()
     # transformer_options keys the model's own code reads (others only matter to wrappers outside it)
     reads_options: tuple[str, ...] = ("patches", "patches_replace", "rope_options", "optimized_attention_override")
+    name: str = ""  # as the logs name the family ("FLUX", "Wan")
 
     def model_type(self) -> type | None:
         return _resolve(self.model_class)

@@ -13,6 +13,7 @@ from .plan import BlockSeam, Plan
 
 WAN = Plan(
     family="wan",
+    name="Wan",
     model_class="comfy.ldm.wan.model:WanModel",  # exactly: VACE, camera, S2V, ... are subclasses, not routed
     heads_attr="num_heads",
     seam=BlockSeam(blocks="blocks", tokens=("img", "pe"), modulation=("vec",),

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import gc
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ import time
 import traceback
 
 from ..wire.messages import Attach, Call, FilesAbsent, NeedPatches, Prepare, Ready, Stats
+from . import heap
 
 log = logging.getLogger("comfy_xdit_patch.worker")
 
@@ -67,39 +67,12 @@ def _ray_gpu_index() -> int:
     return visible.index(gpu) if gpu in visible else int(gpu)  # else: Ray numbered the visible ones
 
 
-def _fixed_mmap_threshold() -> None:
-    """glibc serves allocations from 128 KiB up with mmap, but after such a block is freed it raises that
-    threshold to the block's size (up to 32 MiB), so the tensors of later requests (a LoRA's, a new size's
-    activations) come from the heap, where freed holes are kept: a rank's memory crept up ~0.4 MiB a
-    prompt on CPU (tools/soak.py: +1.7-2.2 % over 40 prompts; +0.3-0.4 % with the threshold fixed). Setting
-    it fixes it (mallopt M_MMAP_THRESHOLD), as MALLOC_MMAP_THRESHOLD_ would from the process's start."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError) as e:
-        log.info("glibc's mmap threshold left as it is (%s)", e)
-
-
-def _settle_heap() -> None:
-    """Collect, then move what the process holds now (ComfyUI, the model, compiled code, graphs) out of
-    Python's cyclic GC, so its collections, which may start on any allocation, stop walking it in the
-    middle of a call (gc.freeze, as long-running inference servers do after warm-up). Done when another
-    model became current and after a call was captured as a new graph; replays allocate little."""
-    gc.collect()
-    gc.freeze()
-
-
 class Worker:
     def __init__(self, rank: int, world: int, comfy_root: str, config, asked_at: float | None = None):
         from ..timing import Laps
 
         lap = Laps(clock=time.time)  # wall clock: `asked_at` is ComfyUI's process's
-        _fixed_mmap_threshold()
+        heap.fix_mmap_threshold()
         # how this rank's start-up went (rank docs): its process's start (Ray), then its imports and GPU
         self.start_seconds = lap.seconds
         self.start_seconds["process"] = round(lap.began - asked_at, 3) if asked_at else None
@@ -155,7 +128,11 @@ class Worker:
         self.counters = collections.Counter()
         self.last_call = None  # wall-clock time of the last model call
         self.load_seconds = 0.0
-        self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach}
+        from .vae import Decodes
+
+        self.decodes = Decodes(rank, world, self.device)  # the VAE decodes shared out by rows (rank/vae.py)
+        self.handlers = {"prepare": self.prepare, "call": self.call, "stats": self.stats, "attach": self.attach,
+                         "decode": self.decode}
         self.diagnostics = None  # see attach()
 
     # --- start-up (Ray calls) ----------------------------------------------------------------------
@@ -236,7 +213,7 @@ class Worker:
                "calls": self.counters["calls"], "last_call": self.last_call,
                "graph_replays": self.graphs.replays if self.graphs else 0,
                "loads": self.counters["loads"], "compiled_blocks": self.counters["compiled blocks"],
-               "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases),
+               "decodes": self.decodes.count, "load_seconds": self.load_seconds, "start_seconds": self.start_seconds, "models": list(self.bases),
                "weights": self.weights.stats(reset)}
         from .facts import device_facts
 
@@ -318,9 +295,15 @@ class Worker:
         plan = plans.plan_for(patcher.model.diffusion_model)
         self.weights.after_load(spec.key, patcher, plan.blocks if plan else ())  # shards it where wanted (local)
         if changed:
-            _settle_heap()
+            heap.settle()
         self.load_seconds = time.perf_counter() - t0
         return Ready()
+
+    def decode(self, message):
+        out = self.decodes(message, self.loaded.get(self.current), self.weights.sharded(self.current or ""))
+        if self.decodes.moved:  # NOTE: captured graphs point at the weights the VAE's load moved: the next
+            self.current = None  # prepare loads the model again, as a changed one, and forgets them
+        return out
 
     def _kernel_preference(self):
         """Torch SDPA kernel order for this call (COMFY_XDIT_SDPA); ComfyUI's own choice by default."""
@@ -388,7 +371,7 @@ class Worker:
         self.counters["calls"] += 1
         self.last_call = time.time()
         if mark is not None and self.graphs.captures != mark:  # a new graph: the shape's objects are made
-            _settle_heap()
+            heap.settle()
         if self.cache_folder is not None:
             shape = (body.mesh, tuple(body.args[0].shape))
             if shape not in self.sealed:

@@ -2,7 +2,8 @@
 
 Shapes and key names come from ComfyUI's own module classes (built on the meta device), so ComfyUI
 detects the files as what they imitate: FLUX.1-dev (11.9 B parameters), a tiny FLUX (hidden size
-128 x heads), FLUX.2 [dev] and [klein] layouts (tiny ones too), and a TAESD-style VAE for 16-channel latents.
+128 x heads), FLUX.2 [dev] and [klein] layouts (tiny ones too), a TAESD-style VAE for 16-channel latents and a
+tiny FLUX.1-shaped KL VAE decoder.
 """
 from __future__ import annotations
 
@@ -95,6 +96,26 @@ def taesd_vae(latent_channels: int = 16, seed: int = 0) -> dict:
         elif isinstance(m, torch.nn.GroupNorm):
             torch.nn.GroupNorm.reset_parameters(m)
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def kl_vae(latent_channels: int = 16, ch: int = 32, seed: int = 0) -> dict:
+    """A FLUX.1-shaped KL VAE decoder (ComfyUI's model.Decoder: 16-channel latents, 8x, GroupNorm, mid-block
+    attention) with `ch` base channels (128 in the released file; 32, the least GroupNorm's 32 groups allow).
+    No encoder: ComfyUI sizes it at 128 channels whatever the file holds, so it stays as ComfyUI makes it
+    (logged as missing keys) and is never used to decode."""
+    from comfy.ldm.modules.diffusionmodules.model import Decoder
+
+    torch.manual_seed(seed)
+    model = Decoder(ch=ch, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], in_channels=3,
+                    resolution=256, z_channels=latent_channels)
+    for m in model.modules():  # ComfyUI's layers skip initialisation; torch's own does it
+        for base in (torch.nn.Conv2d, torch.nn.GroupNorm):
+            if isinstance(m, base):
+                base.reset_parameters(m)
+        if isinstance(m, torch.nn.GroupNorm):  # not the identity, so that a wrong affine shows
+            torch.nn.init.normal_(m.weight, 1.0, 0.2)
+            torch.nn.init.normal_(m.bias, 0.0, 0.2)
+    return {f"decoder.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
 def save(sd: dict, path: str) -> str:

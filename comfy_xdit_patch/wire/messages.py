@@ -27,6 +27,15 @@ class Call(NamedTuple):
     op = "call"
 
 
+class Decode(NamedTuple):
+    """One VAE decode, shared out among all ranks by rows (rank/vae.py); rank 0 replies with the decoder's
+    output, channels first, as ComfyUI's first-stage model returns it."""
+    spec: ModelSpec  # the VAE's patcher: ComfyUI's recipe for it (its loader and file)
+    latent: Any  # the whole latent, as ComfyUI's VAE.decode takes it: (batch, channels, [frames,] height, width)
+    memory: int  # bytes ComfyUI estimates a rank's share of one latent needs (load_models_gpu's memory_required)
+    op = "decode"
+
+
 class Stats(NamedTuple):
     """What the rank holds and has done (status, tests, the bench); `reset` zeroes its call count and peak."""
     reset: bool = False
