@@ -5,9 +5,29 @@ import os
 import socket
 
 
+def host_memory() -> dict:
+    """This process's host memory in bytes: resident now and at its peak, and of the resident, anonymous (its own)
+    and file-backed (mapped files: the page cache, shared by the ranks of a host that map the same file)."""
+    fields = {"VmRSS": "rss", "VmHWM": "rss_peak", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    out[fields[name]] = int(value.split()[0]) * 1024  # kB
+    except OSError:  # not Linux
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["rss_peak"] = peak if peak > 2**32 else peak * 1024
+    return out
+
+
 def device_facts(torch, device) -> dict:
-    """Host, device name and memory of this process's device (rank side; CPU ranks report their RSS)."""
-    facts = {"host": socket.gethostname()}
+    """Host, device name and memory of this process's device (rank side; CPU ranks report their RSS), and its host
+    memory (`host_memory`)."""
+    facts = {"host": socket.gethostname(), "host_memory": host_memory()}
     if device.type == "cuda":
         facts.update(gpu=torch.cuda.get_device_name(device), memory=torch.cuda.memory_allocated(device),
                      memory_reserved=torch.cuda.memory_reserved(device),
