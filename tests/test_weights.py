@@ -87,10 +87,11 @@ def _shard_case(rank, world, kinds, path, folder, gguf_path):
         assert_share(weights.stats(), world)
 
 
-def _stream_case(rank, world, kinds, path, folder, gguf_path, lora_path):
-    """Each kind built with its blocks left in the file and streamed into this rank's shards (with a LoRA), then
-    the same by ComfyUI alone in this process: the same output, bit-exact; the device proxy and the host memory
-    read by the diagnostics' LoadWatch at every block."""
+def _stream_case(rank, world, cases, folder, gguf_path):
+    """Each case (kind, model file, LoRA file) built with its blocks left in the file and streamed into this rank's
+    shards (with the LoRA), then the same by ComfyUI alone in this process: the same output, bit-exact; the device
+    proxy and the host memory read by the diagnostics' LoadWatch at every block. Kinds: _load's, "offload" (the
+    default loader, the device's room set to half the shards) and "wan" (a Wan file, the default loader)."""
     import types
 
     import comfy.model_management as mm
@@ -102,22 +103,22 @@ def _stream_case(rank, world, kinds, path, folder, gguf_path, lora_path):
     from comfy_xdit_patch.tools.diagnostics import LoadWatch
 
     cpu = torch.device("cpu")
-    lora = comfy.utils.load_torch_file(lora_path)
     anon = lambda: host_memory()["rss_anon"]  # noqa: E731
     with torch.inference_mode():
-        for i, kind in enumerate(kinds):
+        for i, (kind, path, lora_path) in enumerate(cases):
+            lora, names = comfy.utils.load_torch_file(lora_path), ("blocks",) if kind == "wan" else BLOCKS
             weights = RankWeights("on", rank, world, cpu)
             watch = LoadWatch(types.SimpleNamespace(weights=weights, device=cpu, torch=torch))
             if kind == "offload":  # the device's room holds half the shards: the others wait in host memory
                 weights._room = lambda patcher, sizes: sum(sizes) / world / 2
-            label, kind = kind, "default" if kind == "offload" else kind
+            label, kind = kind, "default" if kind in ("offload", "wan") else kind
             before = anon()
             with weights.building():
                 base = _load(kind, path, folder, gguf_path)
             built = anon()
             patched = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
-            mm.load_models_gpu([patched], force_full_load=weights.before_load("spec", patched, BLOCKS))
-            weights.after_load("spec", patched, BLOCKS)
+            mm.load_models_gpu([patched], force_full_load=weights.before_load("spec", patched, names))
+            weights.after_load("spec", patched, names)
             with weights.call("spec"):
                 out = run_once(patched)
             stats = weights.stats()
@@ -139,11 +140,11 @@ def _stream_case(rank, world, kinds, path, folder, gguf_path, lora_path):
                   f"{host_memory()['rss_peak'] / 2**20:.0f} MiB", flush=True)
             before = anon()
             alone = comfy.sd.load_lora_for_models(_load(kind, path, folder, gguf_path), None, lora, 1.0, 0)[0]
-            if i == 0 and kind == "default":  # ComfyUI's loader copies every block: the measure sees a full copy
+            if i == 0 and label == "default":  # ComfyUI's loader copies every block: the measure sees a full copy
                 # (only the first time: memory of a model ComfyUI unloaded comes back to later ones)
                 assert anon() - before >= stats["block_bytes"], (anon() - before, stats)
             mm.load_models_gpu([alone], force_full_load=True)
-            assert torch.equal(run_once(alone), out), kind
+            assert torch.equal(run_once(alone), out), label
             weights.forget(patched.model.diffusion_model)
             mm.unload_model_and_clones(base)
             mm.unload_model_and_clones(alone)
@@ -154,6 +155,9 @@ SLACK = 12 * 2**20  # host memory that moves under a load besides the weights (C
 
 def run_once(patcher):
     g = torch.Generator().manual_seed(0)
+    if type(patcher.model).__name__.startswith("WAN"):  # 16 latent channels, 3 frames; umT5's 4096-wide text
+        x, ctx = torch.randn(1, 16, 3, 4, 6, generator=g), torch.randn(1, 8, 4096, generator=g)
+        return patcher.model.apply_model(x, torch.tensor([0.5]), c_crossattn=ctx)
     x, ctx = torch.randn(1, 128, 3, 4, generator=g), torch.randn(1, 16, 32, generator=g)
     return patcher.model.apply_model(x, torch.tensor([0.5]), c_crossattn=ctx, guidance=torch.tensor([3.5]))
 
@@ -173,7 +177,7 @@ def test_blocks_shared_bit_exact_for_every_tensor_kind(world, flux2_file, models
     ranks.run(_shard_case, world, kinds, path, models_dir, gguf_path)
 
 
-@pytest.mark.parametrize("world,kinds", [(2, ("default", "offload")), pytest.param(
+@pytest.mark.parametrize("world,kinds", [(2, ("default", "offload", "wan")), pytest.param(
     3, ("default", "fp8_e4m3fn", "fp8mixed", "Q8_0"), marks=pytest.mark.slow)])
 def test_streamed_load_holds_a_share(world, kinds, flux2_file, models_dir, monkeypatch):
     """A model built with its blocks left in the mapped file and streamed into the shards block by block (LoRA
@@ -193,7 +197,22 @@ def test_streamed_load_holds_a_share(world, kinds, flux2_file, models_dir, monke
             kinds = tuple(k for k in kinds if k != "Q8_0")
         flux2_cases.quantized_files(models_dir, path, gguf="Q8_0" in kinds)
     lora = os.path.join(models_dir, make_lora(models_dir, path))
-    ranks.run(_stream_case, world, kinds, path, models_dir, gguf_path, lora)
+    cases = [(kind, path, lora) for kind in kinds if kind != "wan"]
+    if "wan" in kinds:
+        cases.append(("wan",) + _wan_files(models_dir))
+    ranks.run(_stream_case, world, cases, models_dir, gguf_path)
+
+
+def _wan_files(folder: str) -> tuple:
+    """A Wan 2.1 T2V of 4 blocks (512 wide) and a LoRA for it."""
+    from comfy_xdit_patch.tools import synthetic, synthetic_wan
+
+    path, lora = os.path.join(folder, "wan_stream.safetensors"), os.path.join(folder, "wan_stream_lora.safetensors")
+    if not os.path.exists(lora):
+        sd = synthetic_wan.tiny_wan("2.1-t2v", heads=4, layers=4, ffn_dim=1024)
+        synthetic.save(sd, path)
+        synthetic.save(synthetic.lora(sd, rank=4, scale=0.1, targets=synthetic_wan.LORA_TARGETS), lora)
+    return path, lora
 
 
 def test_placement():
