@@ -64,6 +64,7 @@ class Config:
     while_starting: str  # "local" | "wait": a FLUX run that comes while the early group still starts
     join_retry: float  # seconds before a run tries again to join a cluster that could not be joined
     shard_weights: str  # "auto" | "on" | "off": ranks keep 1/N of each block's weights (rank/weights.py)
+    gpu_cap: float | None  # GiB of its GPU each rank may use (None: all of it)
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -149,6 +150,16 @@ def _text(var: str, raw: str) -> str:
     return raw
 
 
+def _gib(var: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(var, raw, "a number of GiB > 0")
+    return value
+
+
 ENV_VARS: tuple[EnvVar, ...] = (
     # --- user settings (README.md) ---
     EnvVar("COMFY_XDIT", "on with >= 2 GPUs", "`1` routes FLUX through the worker group, `0` leaves ComfyUI untouched.", _bool),
@@ -211,6 +222,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
            "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all).",
            _choice("collective", "peer-copy", "auto"), "tuning"),
+    EnvVar("COMFY_XDIT_GPU_CAP", "the whole GPU",
+           "GiB of its GPU each rank may use: the rank is held to it (torch's per-process memory fraction) and its "
+           "ComfyUI plans loading and offloading as on a card of that size (its reserve, `--reserve-vram`, grown "
+           "by the rest); `auto` weight sharding then decides from that size.", _gib, "tuning"),
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool, "tuning"),
@@ -311,6 +326,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         while_starting=val.get("COMFY_XDIT_WHILE_STARTING", "local"),
         join_retry=val.get("COMFY_XDIT_JOIN_RETRY", 30.0),
         shard_weights=val.get("COMFY_XDIT_SHARD_WEIGHTS", "auto"),
+        gpu_cap=val.get("COMFY_XDIT_GPU_CAP"),
         gpus=gpus,
     )
 

@@ -40,3 +40,21 @@ def device_facts(torch, device) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         facts.update(gpu=None, memory=rss, memory_peak=max(peak, rss))
     return facts
+
+
+_RESERVE: dict = {}  # ComfyUI's own reserve before the first cap (its default or --reserve-vram)
+
+
+def cap_memory(torch, mm, device, gib: float) -> dict | None:
+    """Hold this process to `gib` GiB of its GPU, as on a card of that size: torch's per-process memory fraction
+    (allocations beyond it fail), and ComfyUI's reserve (its --reserve-vram, EXTRA_RESERVED_VRAM) grown by what the
+    cap takes away, so that its loading decisions (partial loading, offloading) are those of the smaller card.
+    None on a CPU (nothing to cap)."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = min(total, int(gib * 2**30))
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    base = _RESERVE.setdefault("bytes", mm.EXTRA_RESERVED_VRAM)
+    mm.EXTRA_RESERVED_VRAM = base + (total - cap)
+    return {"total": total, "cap": cap, "reserve": mm.EXTRA_RESERVED_VRAM}

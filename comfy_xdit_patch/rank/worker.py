@@ -117,6 +117,10 @@ class Worker:
         self.rank, self.world = rank, world
         self.config = config
         self.device = mm.get_torch_device()
+        if config.gpu_cap is not None:  # COMFY_XDIT_GPU_CAP: this rank's GPU as a smaller card (ComfyUI told so too)
+            from .facts import cap_memory
+
+            cap_memory(torch, mm, self.device, config.gpu_cap)
         from .weights import RankWeights
 
         self.weights = RankWeights(config.shard_weights, rank, world, self.device)  # COMFY_XDIT_SHARD_WEIGHTS

@@ -246,17 +246,17 @@ class DriverDiagnostics:
         self._attach_group()
         return self.group
 
-    def exchange_seconds(self, size: int, cfg: float, tiny: bool = False) -> float:
-        """Per-step time of the current layout's all-to-alls alone at this FLUX size (what the attention
-        exchange costs): FLUX.1-dev's 512 text tokens, 24 heads of 128 and 57 blocks (tiny: 8, 2, 4)."""
+    def exchange_seconds(self, shape: tuple, tokens: int, heads: int, blocks: int, tiny: bool = False) -> float:
+        """Per-step time of the current layout's all-to-alls alone for a call on a latent of `shape` (batch first)
+        with `tokens` tokens in its sequence-parallel attention, `heads` heads of 128 and `blocks` blocks (what
+        the attention exchange costs)."""
         import torch
 
         from ..errors import LayoutError
         from ..wire.mesh import choose_mesh
 
         group, router = self.ready(), self.router
-        tokens = (8 if tiny else 512) + (size // 16) ** 2
-        batch, heads = 2 if cfg != 1 else 1, 2 if tiny else 24
+        batch = shape[0]
         try:
             mesh = choose_mesh(group.world, batch, heads, router.config.parallel,
                                 "yunchang" in group.attention, group.attention == "gather", group.node_of)
@@ -264,8 +264,8 @@ class DriverDiagnostics:
             return float("nan")
         if mesh.sp == 1:
             return 0.0
-        chunks = router.tuner.best.get(((batch, 16, size // 8, size // 8), mesh), 1)
-        return self.probe(mesh, batch // mesh.cfg, -(-tokens // mesh.sp), heads, 128, 4 if tiny else 57, chunks, 3,
+        chunks = router.tuner.best.get((tuple(shape), mesh), 1)
+        return self.probe(mesh, batch // mesh.cfg, -(-tokens // mesh.sp), heads, 128, blocks, chunks, 3,
                           torch.float32 if tiny else torch.bfloat16)
 
     def probe(self, mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype) -> float:
