@@ -116,78 +116,10 @@ class Bench:
 
     # --- the two sides ------------------------------------------------------------------------------
     def baseline(self, patcher) -> dict:
-        import comfy.model_management as mm
+        """ComfyUI alone (+ TorchCompileModel, + LoRA, held to --gpu-cap): tools/bench_alone.py."""
+        from . import bench_alone
 
-        latents = {}
-        for size in self.sizes:
-            for cfg in self.cfgs:
-                latents[(size, cfg)] = self._alone(patcher, size, cfg, "ComfyUI alone", {})
-                if self.a.kernel_profile and self.gpus:
-                    from .profiling import profiled
-
-                    with profiled(self._profile_prefix(f"alone-{size}-cfg{cfg:g}", "main"), trace=True):
-                        self.sample(patcher, size, cfg, 1)
-        if "compiled" in self.baselines:
-            from comfy_extras.nodes_torch_compile import TorchCompileModel
-
-            # ComfyUI + TorchCompileModel (inductor), applied by the node itself: the best one-GPU setup a user
-            # has without this plugin. Its first run (compile included) is timed as well.
-            compiled = TorchCompileModel.execute(model=patcher, backend="inductor").result[0]
-            for size in self.sizes:
-                for cfg in self.cfgs:
-                    self._alone(compiled, size, cfg, "ComfyUI + TorchCompileModel", {"compiled": True}, latents)
-            mm.unload_all_models()
-            del compiled
-            mm.soft_empty_cache()
-        if self.a.lora:
-            size, cfg = self.sizes[0], self.cfgs[0]
-            latents[("lora", size, cfg)] = self._alone(self.with_lora(patcher), size, cfg,
-                                                       f"ComfyUI alone + LoRA r{self.a.lora}", {"lora": self.a.lora})
-        if self.a.gpu_cap:
-            self.capped_baseline(patcher, latents)
-        mm.unload_all_models()  # the plugin runs reuse this patcher; its weights stay off the GPU
-        mm.soft_empty_cache()
-        return latents
-
-    def _alone(self, patcher, size, cfg, label: str, extra: dict, latents: dict | None = None):
-        """One baseline row: warm-up, then the timed steps in this process (`latents`: PSNR against eager)."""
-        from ..rank.facts import host_memory
-
-        torch = self.torch
-        t0 = time.perf_counter()
-        self.sample(patcher, size, cfg, 2 if extra.get("compiled") else (min(2, self.a.warmup) or 1))
-        first = time.perf_counter() - t0
-        if self.gpus:
-            torch.cuda.reset_peak_memory_stats()
-        latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
-        row = {"size": size, "cfg": cfg, **extra, "s_per_step": seconds / self.a.steps, "first_run_s": first,
-               "peak_gib": (torch.cuda.max_memory_allocated() if self.gpus else 0) / 2**30,
-               "rss_peak_gib": host_memory().get("rss_peak", 0) / 2**30}
-        if latents is not None:
-            row["psnr_db"] = report.psnr(latents[(size, cfg)], latent)
-        self.results["baseline"].append(row)
-        print(f"{label} {size} cfg {cfg:g}: {row['s_per_step']:.4f} s/step, peak {row['peak_gib']:.1f} GiB, first "
-              f"run {first:.1f} s" + (f", PSNR vs eager {row['psnr_db']:.1f} dB" if latents else ""), flush=True)
-        self._save()
-        return latent
-
-    def capped_baseline(self, patcher, latents) -> None:
-        """ComfyUI alone on a GPU held to --gpu-cap GiB, told so through its own reserve (--reserve-vram), so that
-        it offloads as on a card of that size. The cap stays for the plugin runs (the ranks take it too)."""
-        import comfy.model_management as mm
-
-        from ..rank.facts import cap_memory
-
-        mm.unload_all_models()
-        mm.soft_empty_cache()
-        applied = cap_memory(self.torch, mm, mm.get_torch_device(), self.a.gpu_cap)  # None on a CPU
-        self.results["gpu_cap"] = {"gib": self.a.gpu_cap, "applied": applied}
-        for size in self.sizes:
-            for cfg in self.cfgs:
-                self._alone(patcher, size, cfg, f"ComfyUI alone capped at {self.a.gpu_cap:g} GiB",
-                            {"capped": self.a.gpu_cap}, latents)
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+        return bench_alone.run(self, patcher)
 
     def _baseline(self, size, cfg, compiled=False, lora=False, capped=False):
         return report.baseline(self.results, size, cfg, compiled, lora, capped)
