@@ -109,3 +109,27 @@ def test_tiny_baselines_run(tmp_path, name):
     assert all(r["rss_peak_gib"] > 0 and r["s_per_step"] > 0 for r in rows)
     (latent,) = latents.values()
     assert latent.shape == bench.latent(bench.sizes[0]) and latent.abs().max() > 0
+
+
+def test_gpu_cap(monkeypatch):
+    """--gpu-cap / COMFY_XDIT_GPU_CAP on a GPU process: torch's per-process fraction, and ComfyUI's reserve grown by
+    what the cap takes away (from ComfyUI's own reserve, not stacked when capped again). torch's CUDA calls stand in
+    for a GPU's."""
+    import types
+
+    import comfy.model_management as mm
+
+    from comfy_xdit_patch.rank import facts
+
+    GB = 2**30
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * GB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: fractions.append(f))
+    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", GB // 2)
+    monkeypatch.setattr(facts, "_RESERVE", {})
+    cuda = torch.device("cuda", 0)
+    assert facts.cap_memory(torch, mm, cuda, 24) == {"total": 140 * GB, "cap": 24 * GB, "reserve": GB // 2 + 116 * GB}
+    assert mm.extra_reserved_memory() == GB // 2 + 116 * GB and fractions == [24 / 140]
+    facts.cap_memory(torch, mm, cuda, 48)
+    assert mm.extra_reserved_memory() == GB // 2 + 92 * GB and fractions[-1] == 48 / 140
+    assert facts.cap_memory(torch, mm, torch.device("cpu"), 24) is None

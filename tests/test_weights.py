@@ -225,6 +225,36 @@ def test_placement():
     assert placement([100], 4, 0) == [False]
 
 
+def test_budget_on_a_gpu_rank(monkeypatch):
+    """auto on a GPU rank: the whole model where it and a 1024² CFG call fit ComfyUI's free memory, less its reserve
+    (--reserve-vram, grown by COMFY_XDIT_GPU_CAP), else shards; the shards' room is what is left after the rest of
+    the model and two full blocks; a model that isn't sharded and doesn't fit goes to ComfyUI's partial loading.
+    ComfyUI's memory functions stand in for a GPU's."""
+    import types
+
+    import comfy.model_management as mm
+
+    from comfy_xdit_patch.rank.weights import RankWeights
+
+    GB = 2**30
+    free = {"bytes": 40 * GB}
+    monkeypatch.setattr(mm, "get_free_memory", lambda device=None, torch_free_too=False: free["bytes"])
+    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", 1 * GB)
+    model = types.SimpleNamespace(latent_format=types.SimpleNamespace(spacial_downscale_ratio=16, latent_channels=128))
+    patcher = types.SimpleNamespace(model=model, model_size=lambda: 32 * GB, loaded_size=lambda: 0,
+                                    memory_required=lambda shape: 3 * GB)
+    weights = RankWeights("auto", 0, 4, torch.device("cuda"))
+    assert weights._fits(patcher) and not weights._wanted(patcher, loaded=False)  # 32 + 3 + 1 <= 40
+    free["bytes"] = 24 * GB
+    assert not weights._fits(patcher) and weights._wanted(patcher, loaded=False)
+    sizes = [GB] * 30  # 30 GiB of blocks: 2 GiB outside them
+    assert weights._room(patcher, sizes) == 24 * GB - 4 * GB - 2 * GB - 2 * GB  # 16 GiB for 7.5 GiB of shards
+    free["bytes"] = 12 * GB  # 12 - 4 - 2 - 2 = 4 GiB: 16 of the 30 quarter-GiB shards, the rest in host memory
+    from comfy_xdit_patch.rank.streaming import placement
+
+    assert placement(sizes, 4, weights._room(patcher, sizes)) == [True] * 16 + [False] * 14
+
+
 def test_setting():
     from comfy_xdit_patch import config as cfg
     from comfy_xdit_patch.rank.weights import RankWeights

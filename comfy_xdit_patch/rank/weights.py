@@ -261,7 +261,7 @@ class RankWeights:
     def before_load(self, key: str, patcher, block_lists: tuple) -> bool:
         """Before load_models_gpu (prepare): a model built with its blocks left in the file is sharded block by
         block where wanted, else its blocks are loaded as ComfyUI would. Local only. Returns whether ComfyUI
-        should load the rest whole (False where shards had to stay in host memory: its partial loading)."""
+        should load the model (the rest, where sharded) whole: not where it can't, then its partial loading."""
         model = patcher.model.diffusion_model
         pending = self.pending.pop(id(model), None)
         if pending is not None and not self._wanted(patcher, loaded=False):
@@ -276,7 +276,17 @@ class RankWeights:
             log.info("streamed %d blocks into shards: %.1f of %.1f MiB kept on this rank (%.1f MiB in host memory)",
                      len(blocks), shared.shard_bytes / 2**20, shared.full_bytes / 2**20, shared.offloaded_bytes / 2**20)
         shared = self.shared.get(id(model))
-        return shared is None or not shared.offloaded_bytes
+        if shared is not None:
+            return not shared.offloaded_bytes
+        return self._fits(patcher)  # else ComfyUI's partial loading, as ComfyUI alone does on a small card
+
+    def _fits(self, patcher) -> bool:
+        """The whole model and a 1024² CFG call fit this rank's GPU (ComfyUI's estimate and reserve); a CPU: yes."""
+        if self.device.type != "cuda":
+            return True
+        import comfy.model_management as mm
+
+        return mm.get_free_memory(self.device) + patcher.loaded_size() >= patcher.model_size() + self._need(patcher)
 
     def _room(self, patcher, sizes: list) -> float:
         """Bytes the device has for block shards once the rest of the model, a 1024² CFG call's activations, two
@@ -319,7 +329,7 @@ class RankWeights:
             return False
         import comfy.model_management as mm
 
-        return mm.get_free_memory(self.device) < self._need(patcher) + (0 if loaded else patcher.model_size())
+        return mm.get_free_memory(self.device) < self._need(patcher) if loaded else not self._fits(patcher)
 
     @staticmethod
     def _need(patcher) -> int:
