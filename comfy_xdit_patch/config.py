@@ -65,6 +65,7 @@ class Config:
     join_retry: float  # seconds before a run tries again to join a cluster that could not be joined
     shard_weights: str  # "auto" | "on" | "off": ranks keep 1/N of each block's weights (rank/weights.py)
     vae_min_pixels: int | None  # a VAE decode of at least this many pixels a latent is shared out by rows; None: never
+    gpu_cap: float | None  # GiB of its GPU each rank may use (None: all of it)
     gpus: int  # GPUs the ranks may use (0: ranks run on CPU)
 
     @property
@@ -158,6 +159,16 @@ def _text(var: str, raw: str) -> str:
     return raw
 
 
+def _gib(var: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(var, raw, "a number of GiB > 0")
+    return value
+
+
 ENV_VARS: tuple[EnvVar, ...] = (
     # --- user settings (README.md) ---
     EnvVar("COMFY_XDIT", "on with >= 2 GPUs", "`1` routes FLUX through the worker group, `0` leaves ComfyUI untouched.", _bool),
@@ -214,12 +225,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient"), "tuning"),
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
            "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
-           "calls of each shape and keeps the fastest.", _chunks, "tuning"),
+           "calls of each shape, and a tapered schedule, and keeps the fastest.", _chunks, "tuning"),
     EnvVar("COMFY_XDIT_EXCHANGE", "auto",
            "How the Ulysses all-to-alls move: `auto` (peer copies where the ranks of a group share a host "
            "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "
            "into the peers' GPU memory; refused where impossible); `collective` (NCCL / gloo all-to-all).",
            _choice("collective", "peer-copy", "auto"), "tuning"),
+    EnvVar("COMFY_XDIT_GPU_CAP", "the whole GPU",
+           "GiB of its GPU each rank may use: the rank is held to it (torch's per-process memory fraction) and its "
+           "ComfyUI plans loading and offloading as on a card of that size (its reserve, `--reserve-vram`, grown "
+           "by the rest); `auto` weight sharding then decides from that size.", _gib, "tuning"),
     EnvVar("COMFY_XDIT_CUDA_GRAPHS", "1 (GPU)",
            "`1`: each rank captures its sharded model call as a CUDA graph per input shape and replays it; "
            "`0`: eager.", _bool, "tuning"),
@@ -326,6 +341,7 @@ def load(environ: Mapping[str, str] | None = None, gpus: int | None = None) -> C
         join_retry=val.get("COMFY_XDIT_JOIN_RETRY", 30.0),
         shard_weights=val.get("COMFY_XDIT_SHARD_WEIGHTS", "auto"),
         vae_min_pixels=val.get("COMFY_XDIT_VAE_MIN_PIXELS", 2048 * 2048),
+        gpu_cap=val.get("COMFY_XDIT_GPU_CAP"),
         gpus=gpus,
     )
 

@@ -25,3 +25,24 @@ def test_bench_runs_with_diagnostics_attached(tmp_path, router):
     assert run["compute_s"] > 0 and run["a2a_s"] > 0  # timed on the ranks: diagnostics were attached
     assert "route" in run["dispatch_parts_ms"]
     assert (out / "bench.md").read_text().count("|") > 20
+
+
+@pytest.mark.slow  # ~50 s each: the bench starts its own Ray and group
+@pytest.mark.parametrize("model", ["flux2-dev", "wan2.1-14b"])
+def test_bench_models_end_to_end(tmp_path, router, model):
+    """`--model` on its tiny stand-in: both sides, the capped baseline (on a CPU: not applied, recorded so) and
+    the ranks' peak RSS in the results."""
+    router.close_group()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "comfy_xdit_patch.tools.cli", "bench", "--model", model, "--tiny",
+                           "--steps", "2", "--warmup", "1", "--ranks", "2", "--gpu-cap", "4", "--baselines", "eager",
+                           "--workdir", str(tmp_path), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=540, env=dict(os.environ, COMFY_XDIT_START_TIMEOUT="300"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "bench.json").read_text())
+    run, = results["runs"]
+    assert run["routed_calls"] == 2 and run["psnr_db"] > 100 and run["env"]["COMFY_XDIT_GPU_CAP"] == "4"
+    assert len(run["rank_rss_peak_gib"]) == 2 and min(run["rank_rss_peak_gib"]) > 0
+    assert [bool(b.get("capped")) for b in results["baseline"]] == [False, True]
+    assert results["gpu_cap"] == {"gib": 4.0, "applied": None} and results["weights"]["model"] == model
+    assert "capped at 4 GiB" in (out / "bench.md").read_text()

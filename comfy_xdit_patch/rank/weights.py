@@ -2,7 +2,9 @@
 block of its model; a block's full weights exist on a rank only while that block computes, and the next block's
 are gathered meanwhile. Inference only: no gradients, so one all-gather per block is the whole protocol.
 
-The model is taken as ComfyUI left it after `load_models_gpu` (LoRA already in the weights). Each tensor of a
+A model is sharded as it loads where the rank knows beforehand (rank/streaming.py: its blocks go from the file
+into the shards one by one, with their LoRA patches), else as ComfyUI left it after `load_models_gpu` (LoRA already
+in the weights; `auto`'s agreement, `settle`). Each tensor of a
 block is taken apart into plain tensors: a tensor subclass with `__tensor_flatten__` (ComfyUI's QuantizedTensor:
 fp8 data + scale) into its inner tensors, one that keeps its bytes in its own storage (ComfyUI-GGUF's
 GGMLTensor: quantized blocks) as those bytes, its Python attributes (GGUF's type, shape, LoRA patches) kept
@@ -26,6 +28,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from . import streaming
 
 log = logging.getLogger("comfy_xdit_patch.weights")
 ALIGN = 16  # every tensor starts at a multiple of 16 bytes of its packed block: a view of any dtype is aligned
@@ -77,10 +81,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class Block:
-    """One transformer block's weights as this rank's shard; `install` / `release` its full weights."""
+    """One transformer block's weights as this rank's shard; `install` / `release` its full weights. The shard
+    lives on the device, or (`offload`: the device has no room for it, streaming.placement) in host memory."""
 
-    def __init__(self, module: torch.nn.Module, rank: int, world: int, device: torch.device):
+    def __init__(self, module: torch.nn.Module, rank: int, world: int, device: torch.device, offload: bool = False):
         self.module, self.slots, placed, seen = module, [], [], {}
+        self.device, self.offloaded = device, offload
         offset = 0
         for owner in module.modules():
             for table in ("_parameters", "_buffers"):
@@ -105,7 +111,9 @@ class Block:
         self.world = world
         self.shard_bytes = -(-offset // (world * ALIGN)) * ALIGN  # NOTE: every rank's shard has this size
         lo, hi = rank * self.shard_bytes, (rank + 1) * self.shard_bytes
-        self.shard = torch.zeros(self.shard_bytes, dtype=torch.uint8, device=device)
+        pin = offload and torch.device(device).type == "cuda"  # page-locked: copied to the GPU asynchronously
+        self.shard = torch.zeros(self.shard_bytes, dtype=torch.uint8, device="cpu" if offload else device,
+                                 pin_memory=pin)
         for p, off, nbytes in placed:  # only this rank's range of each tensor is read (and moved to the device)
             a, b = max(lo, off), min(hi, off + nbytes)
             if a < b:
@@ -114,9 +122,10 @@ class Block:
         self.release()  # the full tensors go with the last reference ComfyUI's model held
 
     def gather(self, group=None):
-        """Start gathering the full block: (work, buffer)."""
-        full = torch.empty(self.shard_bytes * self.world, dtype=torch.uint8, device=self.shard.device)
-        return _gather(full, self.shard, group=group, async_op=True), full
+        """Start gathering the full block: (work, buffer, this rank's shard on the device: kept until the work ends)."""
+        full = torch.empty(self.shard_bytes * self.world, dtype=torch.uint8, device=self.device)
+        mine = self.shard.to(self.device, non_blocking=True) if self.offloaded else self.shard
+        return _gather(full, mine, group=group, async_op=True), full, mine
 
     def install(self, full: torch.Tensor) -> None:
         for slot in self.slots:
@@ -131,24 +140,25 @@ class Block:
 class SharedBlocks:
     """The blocks of one model, sharded over the world, with the hooks that gather them as the model runs."""
 
-    def __init__(self, key: str, model: torch.nn.Module, block_lists: tuple, rank: int, world: int,
-                 device: torch.device):
-        self.key, self.model = key, model
-        modules = [b for name in block_lists for b in getattr(model, name, ())]
-        self.blocks = [Block(m, rank, world, device) for m in modules]
+    def __init__(self, key: str, model: torch.nn.Module, blocks: list):
+        self.key, self.model, self.blocks = key, model, blocks
         self.full_bytes = sum(b.nbytes for b in self.blocks)
         self.largest = max((b.nbytes for b in self.blocks), default=0)
         self.in_flight: dict[int, tuple] = {}  # block index -> (work, buffer): gathering or installed
         self.peak = self.now = 0  # bytes of full blocks present on this rank (peak since the last stats)
         self.gathers = 0
         self.hooks = []
-        for i, m in enumerate(modules):
+        for i, m in enumerate(b.module for b in blocks):
             self.hooks.append(m.register_forward_pre_hook(lambda mod, args, i=i: self._before(i)))
             self.hooks.append(m.register_forward_hook(lambda mod, args, out, i=i: self._after(i)))
 
     @property
     def shard_bytes(self) -> int:
         return sum(b.shard_bytes for b in self.blocks)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(b.shard_bytes for b in self.blocks if b.offloaded)
 
     def _start(self, i: int) -> None:
         if i < len(self.blocks) and i not in self.in_flight:
@@ -161,14 +171,14 @@ class SharedBlocks:
         # NOTE: collective order: block i's gather (if the previous block did not start it), then block i + 1's,
         # which runs while block i computes; every rank runs the blocks in the same order.
         self._start(i)
-        work, full = self.in_flight[i]
+        work, full, _ = self.in_flight[i]
         work.wait()
         self.blocks[i].install(full)
         self._start(i + 1)
 
     def _after(self, i: int) -> None:
         self.blocks[i].release()
-        _, full = self.in_flight.pop(i)
+        _, full, _ = self.in_flight.pop(i)
         self.now -= full.numel()
 
     @contextlib.contextmanager
@@ -177,7 +187,7 @@ class SharedBlocks:
         try:
             yield
         finally:
-            for i, (work, full) in list(self.in_flight.items()):
+            for i, (work, full, _) in list(self.in_flight.items()):
                 work.wait()  # NOTE: a started collective is finished on every rank, also after an error here
                 self.blocks[i].release()
                 self.now -= full.numel()
@@ -231,6 +241,62 @@ class RankWeights:
         self.shared: dict[int, SharedBlocks] = {}  # id(diffusion model) -> its shards
         self.current = None  # (spec key, patcher, block lists) of the last prepare
         self.unsettled = False  # auto on GPUs: a prepare came since the ranks last agreed
+        self.pending: dict = {}  # id(diffusion model) -> streaming.Pending: built with its blocks not loaded
+        self.watch = None  # diagnostics only (tools/diagnostics.LoadWatch), called as a load streams its blocks
+
+    def building(self):
+        """Around building a model (prepare): where it may be sharded, its blocks are left in the file for
+        `before_load` to stream into the shards (rank/streaming.py); elsewhere ComfyUI's loader as it is."""
+        wants = self.world > 1 and (self.setting == "on" or (self.setting == "auto" and self.device.type == "cuda"))
+        return self._deferred() if wants else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _deferred(self):
+        from .. import plans
+
+        with streaming.deferred(lambda m: plans.plan_for(m).blocks if plans.plan_for(m) else ()) as found:
+            yield
+        self.pending.update(found)
+
+    def before_load(self, key: str, patcher, block_lists: tuple) -> bool:
+        """Before load_models_gpu (prepare): a model built with its blocks left in the file is sharded block by
+        block where wanted, else its blocks are loaded as ComfyUI would. Local only. Returns whether ComfyUI
+        should load the model (the rest, where sharded) whole: not where it can't, then its partial loading."""
+        model = patcher.model.diffusion_model
+        pending = self.pending.pop(id(model), None)
+        if pending is not None and not self._wanted(patcher, loaded=False):
+            streaming.materialize(pending, patcher.offload_device)
+        elif pending is not None:
+            sizes = streaming.block_bytes(pending)
+            home = streaming.placement(sizes, self.world, self._room(patcher, sizes))
+            blocks = streaming.stream(pending, patcher, lambda m, i: Block(
+                m, self.rank, self.world, self.device, offload=not home[i]), self.device, self.watch)
+            self.shared[id(model)] = shared = SharedBlocks(key, model, blocks)
+            patcher.size = 0  # NOTE: ComfyUI's cached model size counted the blocks, which it no longer holds
+            log.info("streamed %d blocks into shards: %.1f of %.1f MiB kept on this rank (%.1f MiB in host memory)",
+                     len(blocks), shared.shard_bytes / 2**20, shared.full_bytes / 2**20, shared.offloaded_bytes / 2**20)
+        shared = self.shared.get(id(model))
+        if shared is not None:
+            return not shared.offloaded_bytes
+        return self._fits(patcher)  # else ComfyUI's partial loading, as ComfyUI alone does on a small card
+
+    def _fits(self, patcher) -> bool:
+        """The whole model and a 1024² CFG call fit this rank's GPU (ComfyUI's estimate and reserve); a CPU: yes."""
+        if self.device.type != "cuda":
+            return True
+        import comfy.model_management as mm
+
+        return mm.get_free_memory(self.device) + patcher.loaded_size() >= patcher.model_size() + self._need(patcher)
+
+    def _room(self, patcher, sizes: list) -> float:
+        """Bytes the device has for block shards once the rest of the model, a 1024² CFG call's activations, two
+        gathered blocks and ComfyUI's reserve (--reserve-vram) are counted: the same budget as ComfyUI's."""
+        if self.device.type != "cuda":
+            return float("inf")  # a CPU rank's device is the host
+        import comfy.model_management as mm
+
+        rest = patcher.model_size() - sum(sizes)  # the meta blocks still count in ComfyUI's size
+        return mm.get_free_memory(self.device) - self._need(patcher) - rest - 2 * max(sizes, default=0)
 
     def stale(self, key: str) -> list:
         """Diffusion models sharded for another spec than `key`. ComfyUI can't restore or re-patch weights its
@@ -238,6 +304,7 @@ class RankWeights:
         return [s.model for s in self.shared.values() if s.key != key]
 
     def forget(self, model) -> None:
+        self.pending.pop(id(model), None)
         shared = self.shared.pop(id(model), None)
         if shared is not None:
             shared.remove()
@@ -251,7 +318,9 @@ class RankWeights:
         if id(patcher.model.diffusion_model) not in self.shared and self._wanted(patcher):
             self._shard()
 
-    def _wanted(self, patcher) -> bool:
+    def _wanted(self, patcher, loaded: bool = True) -> bool:
+        """Shard? `on`; `auto` where the device can't hold a 1024² CFG call beside the model (`loaded`: it is
+        on the device already, else it would have to be)."""
         if self.world < 2 or self.setting == "off":
             return False
         if self.setting == "on":
@@ -260,15 +329,22 @@ class RankWeights:
             return False
         import comfy.model_management as mm
 
+        return mm.get_free_memory(self.device) < self._need(patcher) if loaded else not self._fits(patcher)
+
+    @staticmethod
+    def _need(patcher) -> int:
+        import comfy.model_management as mm
+
         fmt = patcher.model.latent_format  # a CFG batch of two 1024² latents
         side = 1024 // fmt.spacial_downscale_ratio
-        need = patcher.memory_required([2, fmt.latent_channels, side, side]) + mm.extra_reserved_memory()
-        return mm.get_free_memory(self.device) < need
+        return patcher.memory_required([2, fmt.latent_channels, side, side]) + mm.extra_reserved_memory()
 
     def _shard(self) -> None:
         key, patcher, block_lists = self.current
         model = patcher.model.diffusion_model
-        self.shared[id(model)] = shared = SharedBlocks(key, model, block_lists, self.rank, self.world, self.device)
+        modules = [b for name in block_lists for b in getattr(model, name, ())]
+        blocks = [Block(m, self.rank, self.world, self.device) for m in modules]
+        self.shared[id(model)] = shared = SharedBlocks(key, model, blocks)
         # NOTE: ComfyUI's backup of LoRA'd block weights (their originals; host memory on GPUs) goes too: a sharded
         # model is never unpatched, the rank builds it again for another spec (stale)
         prefixes = tuple(f"diffusion_model.{name}." for name in block_lists)
@@ -311,10 +387,10 @@ class RankWeights:
         if shared is None:
             out.update(block_bytes=held, resident_bytes=held)
             return out
+        on_device = shared.shard_bytes - shared.offloaded_bytes  # the rest waits in host memory (placement)
         out.update(sharded=True, blocks=len(shared.blocks), block_bytes=shared.full_bytes,
-                   largest_block=shared.largest, shard_bytes=shared.shard_bytes,
-                   resident_bytes=shared.shard_bytes + held, peak_bytes=shared.shard_bytes + shared.peak,
-                   gathers=shared.gathers)
+                   largest_block=shared.largest, shard_bytes=shared.shard_bytes, offloaded_bytes=shared.offloaded_bytes,
+                   resident_bytes=on_device + held, peak_bytes=on_device + shared.peak, gathers=shared.gathers)
         if reset:
             shared.peak = shared.now
         return out

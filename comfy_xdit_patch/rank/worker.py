@@ -109,6 +109,10 @@ class Worker:
         self.rank, self.world = rank, world
         self.config = config
         self.device = mm.get_torch_device()
+        if config.gpu_cap is not None:  # COMFY_XDIT_GPU_CAP: this rank's GPU as a smaller card (ComfyUI told so too)
+            from .facts import cap_memory
+
+            cap_memory(torch, mm, self.device, config.gpu_cap)
         from .weights import RankWeights
 
         self.weights = RankWeights(config.shard_weights, rank, world, self.device)  # COMFY_XDIT_SHARD_WEIGHTS
@@ -241,7 +245,8 @@ class Worker:
             self._drop(next(iter(self.bases)))
         from .models import build
 
-        patcher = build(spec)
+        with self.weights.building():  # where it may be sharded: its blocks stay in the file for now
+            patcher = build(spec)
         self.counters["loads"] += 1
         self.bases[spec.base_key] = patcher
         return patcher
@@ -288,12 +293,14 @@ class Worker:
         changed, self.current = spec.key != self.current, spec.key
         if self.graphs is not None and changed:
             self.graphs.clear()  # NOTE: captured graphs point at the weights as they were
-        self.mm.load_models_gpu([self.loaded[spec.key]], force_full_load=True)
         from .. import plans
 
         patcher = self.loaded[spec.key]
         plan = plans.plan_for(patcher.model.diffusion_model)
-        self.weights.after_load(spec.key, patcher, plan.blocks if plan else ())  # shards it where wanted (local)
+        blocks = plan.blocks if plan else ()
+        whole = self.weights.before_load(spec.key, patcher, blocks)  # streams blocks into shards where wanted
+        self.mm.load_models_gpu([patcher], force_full_load=whole)  # else ComfyUI's partial loading of the rest
+        self.weights.after_load(spec.key, patcher, blocks)  # shards it where wanted (local)
         if changed:
             heap.settle()
         self.load_seconds = time.perf_counter() - t0

@@ -1,13 +1,16 @@
 """Side-by-side benchmark: unpatched ComfyUI on one GPU vs the plugin on N ranks, in one run.
 
-    comfy-xdit bench [--sizes 1024,2048] [--steps 20] [--ranks 1,2,4] [--layouts "ulysses=2,ring=2"]
-                     [--cfg 1,3.5] [--checkpoint FILE] [--weights bf16|fp8|gguf-q8_0|gguf-f16] [--out DIR]
+    comfy-xdit bench [--model flux1-dev|flux2-dev|flux2-klein-4b|wan2.1-14b|wan2.2-ti2v-5b] [--sizes 1024,2048]
+                     [--frames 81 | --short] [--steps 20] [--ranks 1,2,4] [--layouts "ulysses=2,ring=2"]
+                     [--cfg 1,3.5] [--gpu-cap GB] [--checkpoint FILE] [--weights bf16|fp8|gguf-q8_0|gguf-f16]
+                     [--out DIR]
 
 Everything runs in this process, which plays ComfyUI's process: ComfyUI's own sampler
-(`comfy.sample.sample`, as KSampler does), FLUX.1-dev shapes (synthetic bf16 weights with the real
-key names, written once to --workdir so the ranks load them from disk in parallel) or a checkpoint.
-First ComfyUI alone, then the plugin attached with each rank count / layout. Prints a table and
-writes bench.json (+ bench.png); `--tiny` runs the same on a CPU with a tiny FLUX.
+(`comfy.sample.sample`, as KSampler does), the model's real shapes (synthetic weights with the real
+key names, tools/bench_models.py, written once to --workdir so the ranks load them from disk in parallel)
+or a checkpoint. First ComfyUI alone (and + TorchCompileModel, and held to --gpu-cap), then the plugin
+attached with each rank count / layout. Prints a table and writes bench.json (+ bench.png); `--tiny` runs
+the same on a CPU with a tiny model of the family.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 
 from .. import config as cfgmod
 from .. import locate
-from . import bench_args, plot, report
+from . import bench_args, bench_models, plot, report
 from .diagnostics import DriverDiagnostics
 
 
@@ -31,7 +34,8 @@ class Bench:
 
         self.torch = torch
         self.gpus = 0 if a.tiny else cfgmod.visible_gpus()
-        self.sizes = [int(s) for s in a.sizes.split(",")]
+        self.model = bench_models.MODELS[a.model]
+        self.sizes = [int(s) if s.isdigit() else s for s in a.sizes.split(",")]  # row labels: 1024, "480p"
         self.cfgs = [float(c) for c in a.cfg.split(",")]
         self.baselines = (a.baselines or ("eager" if a.tiny else "eager,compiled")).split(",")
         self.results = {"machine": self._machine(), "args": vars(a), "baseline": [], "runs": []}
@@ -49,23 +53,12 @@ class Bench:
 
     # --- model and inputs ---------------------------------------------------------------------------
     def model_path(self) -> str:
-        from . import synthetic
-
         if self.a.checkpoint:
             return self.a.checkpoint
-        name = "tiny_flux.safetensors" if self.a.tiny else "flux1_dev_synthetic_bf16.safetensors"
-        path = os.path.join(self.a.workdir, name)
-        if not os.path.exists(path):
-            t0 = time.perf_counter()
-            if self.a.tiny:
-                synthetic.save(synthetic.tiny_flux(heads=2, depth=2, single=2), path)
-            else:
-                sd = synthetic.flux_dev("cuda")
-                synthetic.save({k: v.cpu() for k, v in sd.items()}, path + ".part")
-                del sd
-                self.torch.cuda.empty_cache()
-                os.replace(path + ".part", path)
-            self.results["weights_written_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.stored = bench_models.stored_dtype(self.model, self.a.weights, self.a.workdir, self.a.store)
+        path = bench_models.synthetic_file(self.model, self.a.workdir, self.a.tiny, self.stored)
+        self.results["weights_written_seconds"] = time.perf_counter() - t0
         return path
 
     def load(self):
@@ -73,19 +66,26 @@ class Bench:
         from . import weights
 
         t0 = time.perf_counter()
-        patcher = weights.load(self.a.weights, self.model_path(), self.a.workdir, "cpu" if self.a.tiny else "cuda")
-        self.results["weights"] = {"kind": self.a.weights, "load_s": time.perf_counter() - t0}
+        path = self.model_path()
+        as_bf16 = not self.a.tiny and self.a.weights == "bf16" and self.stored == self.torch.float8_e4m3fn
+        patcher = weights.load(self.a.weights, path, self.a.workdir, "cpu" if self.a.tiny else "cuda", as_bf16,
+                               arch=self.model.family)
+        self.results["weights"] = {"kind": self.a.weights, "stored": str(getattr(self, "stored", "")),
+                                   "load_s": time.perf_counter() - t0, "model": self.model.name}
         return patcher
 
     def conds(self):
-        torch = self.torch
-        dim, tokens = (32, 8) if self.a.tiny else (4096, 512)
-        out = []
-        for seed in (1, 2):
-            g = torch.Generator().manual_seed(seed)
-            out.append([[torch.randn(1, tokens, dim, generator=g),
-                         {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]])
-        return out
+        return bench_models.conds(self.model, self.a.tiny)
+
+    def _tokens(self, size) -> int:
+        w, h = bench_models.size(str(size))
+        tiny_text = self.model.text[0] - 8 if self.a.tiny and self.model.family == "flux" else 0  # 8 text tokens
+        return self.model.tokens(w, h, self.a.frames) - tiny_text
+
+    def latent(self, size, cfg: float = 1.0) -> tuple:
+        """The latent's shape (a CFG > 1 call's batch: 2)."""
+        w, h = bench_models.size(str(size))
+        return self.model.latent_shape(w, h, self.a.frames, 2 if cfg != 1 else 1)
 
     def with_lora(self, patcher):
         """The model + a synthetic LoRA, built once (ComfyUI alone and the plugin runs share it)."""
@@ -95,7 +95,7 @@ class Bench:
 
         if self._lora is None:
             sd = patcher.model.diffusion_model.state_dict()
-            lora = synthetic.lora(sd, rank=self.a.lora)
+            lora = synthetic.lora(sd, rank=self.a.lora, **bench_models.lora_targets(self.model))
             self._lora = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
         return self._lora
 
@@ -103,7 +103,7 @@ class Bench:
         import comfy.sample
 
         torch = self.torch
-        latent = torch.zeros(1, 16, size // 8, size // 8)
+        latent = torch.zeros(self.latent(size))
         noise = comfy.sample.prepare_noise(latent, 42)
         pos, neg = self.conds()
         if self.gpus:
@@ -116,73 +116,13 @@ class Bench:
 
     # --- the two sides ------------------------------------------------------------------------------
     def baseline(self, patcher) -> dict:
-        import comfy.model_management as mm
+        """ComfyUI alone (+ TorchCompileModel, + LoRA, held to --gpu-cap): tools/bench_alone.py."""
+        from . import bench_alone
 
-        torch = self.torch
-        latents = {}
-        for size in self.sizes:
-            for cfg in self.cfgs:
-                self.sample(patcher, size, cfg, min(2, self.a.warmup) or 1)
-                if self.gpus:
-                    torch.cuda.reset_peak_memory_stats()
-                latent, seconds = self.sample(patcher, size, cfg, self.a.steps)
-                peak = torch.cuda.max_memory_allocated() if self.gpus else 0
-                latents[(size, cfg)] = latent
-                if self.a.kernel_profile and self.gpus:
-                    from .profiling import profiled
+        return bench_alone.run(self, patcher)
 
-                    with profiled(self._profile_prefix(f"alone-{size}-cfg{cfg:g}", "main"), trace=True):
-                        self.sample(patcher, size, cfg, 1)
-                row = {"size": size, "cfg": cfg, "s_per_step": seconds / self.a.steps, "peak_gib": peak / 2**30}
-                self.results["baseline"].append(row)
-                print(f"ComfyUI alone  {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, "
-                      f"peak {row['peak_gib']:.1f} GiB", flush=True)
-                self._save()
-        if "compiled" in self.baselines:
-            self.compiled_baseline(patcher, latents)
-        if self.a.lora:
-            lora = self.with_lora(patcher)
-            size, cfg = self.sizes[0], self.cfgs[0]
-            self.sample(lora, size, cfg, 2)
-            latent, seconds = self.sample(lora, size, cfg, self.a.steps)
-            latents[("lora", size, cfg)] = latent
-            self.results["baseline"].append({"size": size, "cfg": cfg, "lora": self.a.lora,
-                                             "s_per_step": seconds / self.a.steps, "peak_gib": 0.0})
-            print(f"ComfyUI alone  {size}² cfg {cfg:g} + LoRA r{self.a.lora}: {seconds / self.a.steps:.4f} s/step")
-        mm.unload_all_models()  # the plugin runs reuse this patcher; its weights stay off the GPU
-        mm.soft_empty_cache()
-        return latents
-
-    def compiled_baseline(self, patcher, latents) -> None:
-        """ComfyUI + TorchCompileModel (inductor), applied by the node itself: the best one-GPU setup a
-        user has without this plugin. Its first run (compile included) is timed as well."""
-        import comfy.model_management as mm
-        from comfy_extras.nodes_torch_compile import TorchCompileModel
-
-        torch = self.torch
-        compiled = TorchCompileModel.execute(model=patcher, backend="inductor").result[0]
-        for size in self.sizes:
-            for cfg in self.cfgs:
-                t0 = time.perf_counter()
-                self.sample(compiled, size, cfg, 2)
-                first = time.perf_counter() - t0
-                self.sample(compiled, size, cfg, min(2, self.a.warmup) or 1)
-                if self.gpus:
-                    torch.cuda.reset_peak_memory_stats()
-                latent, seconds = self.sample(compiled, size, cfg, self.a.steps)
-                row = {"size": size, "cfg": cfg, "compiled": True, "s_per_step": seconds / self.a.steps,
-                       "first_run_s": first, "psnr_db": report.psnr(latents[(size, cfg)], latent),
-                       "peak_gib": (torch.cuda.max_memory_allocated() if self.gpus else 0) / 2**30}
-                self.results["baseline"].append(row)
-                print(f"ComfyUI + TorchCompileModel {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step, first "
-                      f"2-step run {first:.1f} s, PSNR vs eager {row['psnr_db']:.1f} dB", flush=True)
-                self._save()
-        mm.unload_all_models()
-        del compiled
-        mm.soft_empty_cache()
-
-    def _baseline(self, size, cfg, compiled=False, lora=False):
-        return report.baseline(self.results, size, cfg, compiled, lora)
+    def _baseline(self, size, cfg, compiled=False, lora=False, capped=False):
+        return report.baseline(self.results, size, cfg, compiled, lora, capped)
 
     def config(self, workers: int, parallel: str, env: dict):
         settings = {"COMFY_XDIT": "1", "COMFY_XDIT_WORKERS": str(workers), "COMFY_XDIT_PARALLEL": parallel or "auto",
@@ -220,7 +160,7 @@ class Bench:
                   f"{start['group_wait_s']:.1f} s for it, weights loaded in {start['load_s']:.1f} s "
                   f"(ranks in parallel), first 1-step run {first:.1f} s", flush=True)
             cases = [(patcher, size, cfg, "") for size in self.sizes for cfg in (cfgs or self.cfgs[:1])]
-            if self.a.lora and workers == 2 and not parallel and not env:
+            if self.a.lora and workers == 2 and label.startswith("auto,"):
                 cases.append((self.with_lora(patcher), self.sizes[0], self.cfgs[0], f" + LoRA r{self.a.lora}"))
             for model, size, cfg, extra in cases:
                 self.sample(model, size, cfg, self.a.warmup)
@@ -261,7 +201,7 @@ class Bench:
                     parts["to_rank0"] = (clock.get("call arrived", 0.0) - sent) / rank_calls
                     parts["rank0_beyond_compute"] = (clock.get("call done", 0.0) - clock.get("call arrived", 0.0)) / rank_calls - busy
                     parts["back"] = (woke - clock.get("call done", 0.0)) / rank_calls
-                shape = (2 if cfg != 1 else 1, 16, size // 8, size // 8)
+                shape = self.latent(size, cfg)
                 chunks = [c for (s, _), c in router.tuner.best.items() if s == shape]
                 row = {"label": label + extra, "workers": workers, "chunks": chunks, "lora": extra,
                        "parallel": parallel or "auto", "env": env,
@@ -273,19 +213,24 @@ class Bench:
                        "pinned": {"driver": group.channel.pinned, "ranks": [s["pinned"] for s in stats]},
                        "graph_replays": stats[0]["graph_replays"],
                        "sampler_s": seconds / self.a.steps - per_call * calls / self.a.steps,
-                       "a2a_s": diag.exchange_seconds(size, cfg, tiny=self.a.tiny),
+                       "a2a_s": diag.exchange_seconds(shape, self._tokens(size), 2 if self.a.tiny else self.model.heads,
+                                                      4 if self.a.tiny else self.model.blocks, tiny=self.a.tiny),
                        "peak_gib": [s["memory_peak"] / 2**30 for s in stats],
+                       "rank_rss_peak_gib": [s["host_memory"].get("rss_peak", 0) / 2**30 for s in stats],
+                       "weights": [s["weights"] for s in stats],
                        "main_gpu_gib": torch.cuda.memory_allocated() / 2**30 if self.gpus else 0.0,
                        "psnr_db": report.psnr(latents[("lora", size, cfg) if extra else (size, cfg)], latent), **start}
                 row["speedup"] = self._baseline(size, cfg, lora=bool(extra))["s_per_step"] / row["s_per_step"]
                 compiled = None if extra else self._baseline(size, cfg, compiled=True)
                 row["speedup_vs_compiled"] = compiled["s_per_step"] / row["s_per_step"] if compiled else None
+                capped = None if extra else self._baseline(size, cfg, capped=True)
+                row["speedup_vs_capped"] = capped["s_per_step"] / row["s_per_step"] if capped else None
                 self.results["runs"].append(row)
                 if self.a.kernel_profile and self.gpus:
                     diag.profile(os.path.dirname(self._profile_prefix(f"{label}{extra}-{size}-cfg{cfg:g}", "x")))
                     # one call eager, one as usual: a run like the timed one, so that its graph is replayed
                     self.sample(model, size, cfg, self.a.steps)
-                print(f"{row['label']:<22} {size}² cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
+                print(f"{row['label']:<22} {size} cfg {cfg:g}: {row['s_per_step']:.4f} s/step  x{row['speedup']:.2f}  "
                       f"compute {busy * 1e3:.1f} ms (GPU span {gpu * 1e3:.1f}, queued after {launch * 1e3:.1f}, "
                       f"parts (ms) {launch_parts}), "
                       f"dispatch {row['dispatch_s'] * 1e3:.2f} ms, "
@@ -340,6 +285,8 @@ def main(argv=None) -> int:
     bench = Bench(a)
     ranks = [int(r) for r in a.ranks.split(",")] if a.ranks else sorted({1, 2, max(2, bench.gpus)})
     env = _settings(a.env)
+    if a.gpu_cap:  # the ranks are held to the cap that ComfyUI alone capped had
+        env.setdefault("COMFY_XDIT_GPU_CAP", f"{a.gpu_cap:g}")
     early = bench.prestart(ranks[0], env) if env.get("COMFY_XDIT_PRESTART", "1") == "1" else None
     patcher = bench.load()
     latents = bench.baseline(patcher)

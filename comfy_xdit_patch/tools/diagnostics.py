@@ -72,9 +72,68 @@ class RankProbe:
             self.reply_seconds += at - self._reply
 
 
+class LoadWatch:
+    """A rank's loads that stream blocks into shards (rank/streaming.py), watched through the weights' `watch`
+    hook: after each block is loaded and after it is sharded, the block bytes the model holds on the device (a
+    CPU rank's device is the host: there, bytes outside mapped files, whose pages are the page cache the ranks
+    of a host share) plus this rank's shards so far, and its anonymous host memory. One record per load."""
+
+    def __init__(self, worker):
+        self.w, self.loads = worker, []
+        worker.weights.watch = self.seen
+
+    @staticmethod
+    def _mapped() -> list:
+        """(start, end) of every file mapped into this process."""
+        out = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+        return out
+
+    def device_bytes(self, model, names: tuple) -> int:
+        from ..rank.weights import block_tensors
+
+        device = self.w.device
+        mapped = self._mapped() if device.type == "cpu" else []
+        seen, total = set(), 0
+        for t in block_tensors(model, names):
+            leaves = [getattr(t, n) for n in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") and \
+                type(t) not in (self.w.torch.Tensor, self.w.torch.nn.Parameter) else [t]
+            for leaf in leaves:
+                if leaf.is_meta or leaf.device != device:
+                    continue
+                storage = leaf.untyped_storage()
+                ptr = storage.data_ptr()
+                if storage.nbytes() and ptr not in seen and not any(lo <= ptr < hi for lo, hi in mapped):
+                    seen.add(ptr)
+                    total += storage.nbytes()
+        return total
+
+    def seen(self, event: str, model, blocks: list, names: tuple) -> None:
+        from ..rank.facts import host_memory
+
+        if event == "loaded" and not blocks:
+            self.loads.append({"blocks": 0, "peak_device_bytes": 0, "peak_rss_anon": 0,
+                               "rss_anon_before": host_memory().get("rss_anon", 0)})
+        load = self.loads[-1]
+        shards = sum(b.shard_bytes for b in blocks if not b.offloaded)
+        load["blocks"] = len(blocks)
+        load["peak_device_bytes"] = max(load["peak_device_bytes"], self.device_bytes(model, names) + shards)
+        load["peak_rss_anon"] = max(load["peak_rss_anon"], host_memory().get("rss_anon", 0))
+
+    def take(self) -> list:
+        out, self.loads = self.loads, []
+        return out
+
+
 class RankDiagnostics:
     def __init__(self, worker):
         self.w = worker
+        self.load_watch = LoadWatch(worker)
         self.busy = 0.0  # seconds in model calls, device work included
         self.gpu = 0.0  # the GPU's span of those calls (CUDA events)
         self.launch = 0.0  # seconds until a call's work was queued (all of it, where the CPU waits on the GPU)
@@ -87,7 +146,7 @@ class RankDiagnostics:
 
     def handlers(self) -> dict:
         return {"call": self.call, "probe": lambda m: self.probe(m.body), "profile": lambda m: self.profile(m.body),
-                "pyprofile": lambda m: self.pyprofile(m.body)}
+                "pyprofile": lambda m: self.pyprofile(m.body), "loadwatch": lambda m: self.load_watch.take()}
 
     def call(self, body):
         w, torch = self.w, self.w.torch
@@ -238,17 +297,17 @@ class DriverDiagnostics:
         self._attach_group()
         return self.group
 
-    def exchange_seconds(self, size: int, cfg: float, tiny: bool = False) -> float:
-        """Per-step time of the current layout's all-to-alls alone at this FLUX size (what the attention
-        exchange costs): FLUX.1-dev's 512 text tokens, 24 heads of 128 and 57 blocks (tiny: 8, 2, 4)."""
+    def exchange_seconds(self, shape: tuple, tokens: int, heads: int, blocks: int, tiny: bool = False) -> float:
+        """Per-step time of the current layout's all-to-alls alone for a call on a latent of `shape` (batch first)
+        with `tokens` tokens in its sequence-parallel attention, `heads` heads of 128 and `blocks` blocks (what
+        the attention exchange costs)."""
         import torch
 
         from ..errors import LayoutError
         from ..wire.mesh import choose_mesh
 
         group, router = self.ready(), self.router
-        tokens = (8 if tiny else 512) + (size // 16) ** 2
-        batch, heads = 2 if cfg != 1 else 1, 2 if tiny else 24
+        batch = shape[0]
         try:
             mesh = choose_mesh(group.world, batch, heads, router.config.parallel,
                                 "yunchang" in group.attention, group.attention == "gather", group.node_of)
@@ -256,8 +315,8 @@ class DriverDiagnostics:
             return float("nan")
         if mesh.sp == 1:
             return 0.0
-        chunks = router.tuner.best.get(((batch, 16, size // 8, size // 8), mesh), 1)
-        return self.probe(mesh, batch // mesh.cfg, -(-tokens // mesh.sp), heads, 128, 4 if tiny else 57, chunks, 3,
+        chunks = router.tuner.best.get((tuple(shape), mesh), 1)
+        return self.probe(mesh, batch // mesh.cfg, -(-tokens // mesh.sp), heads, 128, blocks, chunks, 3,
                           torch.float32 if tiny else torch.bfloat16)
 
     def probe(self, mesh, batch, tokens, heads, head_dim, blocks, chunks, reps, dtype) -> float:

@@ -23,12 +23,12 @@ def speedups(results: dict, path: str) -> None:
         d.text((sx(i) - 3, h - m + 5), str(i), fill="black")
         d.text((m - 20, sy(i) - 6), f"{i}x", fill="black")
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    for i, size in enumerate(sorted({r["size"] for r in runs})):
+    for i, size in enumerate(sorted({r["size"] for r in runs}, key=str)):
         pts = sorted((r["workers"], r["speedup"]) for r in runs if r["size"] == size)
         if pts[0][0] != 1:  # ComfyUI alone is 1x at 1 GPU; a 1-rank row of the plugin has its own point
             pts.insert(0, (1, 1.0))
         d.line([(sx(n), sy(s)) for n, s in pts], fill=colors[i % 3], width=3)
-        d.text((w - m - 120, m + 16 * i), f"{size}x{size}", fill=colors[i % 3])
+        d.text((w - m - 120, m + 16 * i), f"{size}x{size}" if isinstance(size, int) else size, fill=colors[i % 3])
     gpu = (results["machine"]["gpus"] or ["CPU"])[0]
     d.text((m, 15), f"speed-up vs ComfyUI alone on 1 GPU, cfg 1 ({len(results['machine']['gpus'])}x {gpu})",
            fill="black")

@@ -14,18 +14,20 @@ from .. import locate
 log = logging.getLogger("comfy_xdit_patch.bench")
 
 
-def load(kind: str, path: str, workdir: str, device: str):
+def load(kind: str, path: str, workdir: str, device: str, as_bf16: bool = False, arch: str = "flux"):
+    """`as_bf16`: a file stored in fp8 (bench_models.stored_dtype) loaded as bf16, as UNETLoader's dtype option
+    does; `arch`: the GGUF file's architecture (ComfyUI-GGUF reads it)."""
     import comfy.sd
     import torch
 
     if kind == "fp8":
         return comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float8_e4m3fn})
     if kind.startswith("gguf-"):
-        return gguf(path, kind[5:].upper(), workdir, device)
-    return comfy.sd.load_diffusion_model(path)
+        return gguf(path, kind[5:].upper(), workdir, device, arch)
+    return comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.bfloat16} if as_bf16 else {})
 
 
-def gguf(path: str, qtype: str, workdir: str, device: str):
+def gguf(path: str, qtype: str, workdir: str, device: str, arch: str = "flux"):
     """UnetLoaderGGUF on a GGUF file written once (next to the weights) from `path`'s tensors on `device`."""
     import comfy.utils
     import folder_paths
@@ -42,7 +44,7 @@ def gguf(path: str, qtype: str, workdir: str, device: str):
     if not os.path.exists(target):
         t0 = time.perf_counter()
         sd = {k: v.to(device) for k, v in comfy.utils.load_torch_file(path).items()}
-        synthetic.save_gguf(sd, target + ".part", qtype)
+        synthetic.save_gguf(sd, target + ".part", qtype, arch)
         del sd
         os.replace(target + ".part", target)
         log.info("wrote %s in %.0f s", target, time.perf_counter() - t0)
