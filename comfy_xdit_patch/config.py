@@ -224,8 +224,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Torch SDPA kernel the ranks prefer for their attention: `comfyui` (ComfyUI's choice), `cudnn`, `flash`, "
            "`efficient`.", _choice("comfyui", "cudnn", "flash", "efficient"), "tuning"),
     EnvVar("COMFY_XDIT_A2A_CHUNKS", "auto (GPU), 1 (CPU)",
-           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1-3 on the first "
-           "calls of each shape, and a tapered schedule, and keeps the fastest.", _chunks, "tuning"),
+           "Pieces the Ulysses all-to-all is cut into to overlap it with attention; `auto` times 1, 2 and 3 equal "
+           "pieces and a tapered schedule on the first calls of each shape and keeps the fastest.", _chunks, "tuning"),
     EnvVar("COMFY_XDIT_EXCHANGE", "auto",
            "How the Ulysses all-to-alls move: `auto` (peer copies where the ranks of a group share a host "
            "and can map each other's GPU memory, else collective); `peer-copy` (copy-engine writes straight "

@@ -93,7 +93,7 @@ class VaeDecode:
         finally:
             router.life.sampling -= 1
         pixels = out.to(device=vae.output_device, dtype=vae.vae_output_dtype(), copy=True)
-        vae.process_output(pixels)
+        pixels = vae.process_output(pixels)  # in place in ComfyUI; its result either way
         router.stats["routed_decodes"] += 1
         log.info("comfy_xdit_patch: decoded a %s latent with the %s VAE on %d ranks in %.2fs",
                  "x".join(map(str, latent.shape)), vae_kind(vae.first_stage_model), group.world,
