@@ -99,14 +99,19 @@ def _positive_int(var: str, raw: str) -> int:
     return int(raw)
 
 
-def _seconds(var: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(var, raw, "a number of seconds > 0")
-    return value
+def _positive(unit: str):
+    def parse(var: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ConfigError(var, raw, f"a number of {unit} > 0")
+        return value
+    return parse
+
+
+_seconds, _gib = _positive("seconds"), _positive("GiB")
 
 
 def _devices(var: str, raw: str) -> tuple[int, ...]:
@@ -157,16 +162,6 @@ def _pixels(var: str, raw: str) -> int | None:
 
 def _text(var: str, raw: str) -> str:
     return raw
-
-
-def _gib(var: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(var, raw, "a number of GiB > 0")
-    return value
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
