@@ -46,3 +46,20 @@ def test_bench_models_end_to_end(tmp_path, router, model):
     assert [bool(b.get("capped")) for b in results["baseline"]] == [False, True]
     assert results["gpu_cap"] == {"gib": 4.0, "applied": None} and results["weights"]["model"] == model
     assert "capped at 4 GiB" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow  # ~40 s each: the bench starts its own Ray and group
+@pytest.mark.parametrize("vae", ["flux", "wan2.1"])
+def test_bench_vae_times_both_decodes(tmp_path, router, vae):
+    """`comfy-xdit bench-vae --tiny`: ComfyUI's decode and the ranks' on the same latent, every timed decode on the
+    ranks, the same image."""
+    router.close_group()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "comfy_xdit_patch.tools.cli", "bench-vae", "--vae", vae, "--tiny",
+                           "--repeats", "1", "--ranks", "2", "--workdir", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=540,
+                          env=dict(os.environ, COMFY_XDIT_START_TIMEOUT="300"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    alone, ranks = json.loads((out / "bench-vae.json").read_text())["rows"]
+    assert alone["setup"] == "ComfyUI alone" and ranks["setup"] == "2 ranks" and ranks["routed"] == 2
+    assert ranks["s"] > 0 and ranks["psnr_db"] > 60 and len(ranks["peak_gib"]) == 2

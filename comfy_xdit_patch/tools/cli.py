@@ -1,4 +1,4 @@
-"""comfy-xdit: demo (the default job), bench, doctor, env-table."""
+"""comfy-xdit: demo (the default job), bench, bench-vae, first-image, doctor, env-table."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["bench-vae"]:  # its own options (see bench_vae.py)
+        from . import bench_vae
+
+        return bench_vae.main(argv[1:])
     if argv[:1] == ["first-image"]:  # its own options (see first_image.py)
         from . import first_image
 
@@ -39,6 +43,7 @@ def main(argv=None) -> int:
     d.add_argument("--workers", type=int, help="ranks (default: all GPUs; 2 on CPU)")
     d.add_argument("--workdir", default="~/.cache/comfy_xdit_patch/demo", help="ComfyUI base directory to use")
     sub.add_parser("bench", help="side-by-side benchmark: unpatched 1 GPU vs patched N ranks (bench --help)")
+    sub.add_parser("bench-vae", help="the VAE decode alone: ComfyUI's against the ranks' (bench-vae --help)")
     sub.add_parser("first-image", help="time from starting ComfyUI to the first image: alone, plugin cold and "
                                        "warm restart, a new resolution (first-image --help)")
     doc = sub.add_parser("doctor", help="what the plugin finds on this machine; exit 1 on problems")
