@@ -68,7 +68,9 @@ def latent(a, size, torch):
 
 
 def timed(decode, repeats: int, torch, gpu: bool):
-    """(image, seconds per decode, peak GiB of this process's GPU) after one warm-up decode."""
+    """(image, seconds per decode, peak GiB of this process's GPU) after one warm-up decode; in inference mode,
+    as ComfyUI's executor runs its nodes (its tiled fallback post-processes its output in place)."""
+    decode = torch.inference_mode()(decode)
     image = decode()
     if gpu:
         torch.cuda.synchronize()
