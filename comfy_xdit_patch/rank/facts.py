@@ -1,7 +1,6 @@
 """What a rank tells about itself: host, device and memory (part of its "stats" reply)."""
 from __future__ import annotations
 
-import os
 import socket
 
 
@@ -32,13 +31,10 @@ def device_facts(torch, device) -> dict:
         facts.update(gpu=torch.cuda.get_device_name(device), memory=torch.cuda.memory_allocated(device),
                      memory_reserved=torch.cuda.memory_reserved(device),
                      memory_peak=torch.cuda.max_memory_allocated(device))
-    else:
-        import resource
-
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        facts.update(gpu=None, memory=rss, memory_peak=max(peak, rss))
+    else:  # a CPU rank's device is the host: its memory is the process's RSS
+        host = facts["host_memory"]
+        rss = host.get("rss", 0)
+        facts.update(gpu=None, memory=rss, memory_peak=max(host.get("rss_peak", 0), rss))
     return facts
 
 
