@@ -88,28 +88,33 @@ def widen(rows: Rows, x: torch.Tensor, p: int) -> tuple[torch.Tensor, int]:
     return torch.cat([t for t in (above, x, below) if t is not None], dim=-2), p if above is not None else 0
 
 
-def gather_rows(rows: Rows, x: torch.Tensor) -> torch.Tensor:
-    """Every rank's x, joined by rows in rank order, on every rank."""
+def _padded(rows: Rows, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """x padded to the most rows any rank holds (the collectives take equal shapes), and every rank's rows."""
     counts = rows.now(x.shape[-2])
     most = max(counts)
-    if x.shape[-2] < most:  # NOTE: all_gather takes equal shapes: the shorter shares are padded, then cut
+    if x.shape[-2] < most:  # NOTE: the shorter shares are padded, then cut after the collective
         x = torch.cat([x, x.new_zeros(x.shape[:-2] + (most - x.shape[-2], x.shape[-1]))], dim=-2)
-    parts = [torch.empty_like(x) for _ in counts]
-    dist.all_gather(parts, x.contiguous(), group=rows.group)
+    return x.contiguous(), counts
+
+
+def _joined(parts: list, counts: list[int]) -> torch.Tensor:
     return torch.cat([part.narrow(-2, 0, n) for part, n in zip(parts, counts)], dim=-2)
+
+
+def gather_rows(rows: Rows, x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, joined by rows in rank order, on every rank."""
+    x, counts = _padded(rows, x)
+    parts = [torch.empty_like(x) for _ in counts]
+    dist.all_gather(parts, x, group=rows.group)
+    return _joined(parts, counts)
 
 
 def gather_first(rows: Rows, x: torch.Tensor) -> torch.Tensor | None:
     """Every rank's x joined by rows on the group's first rank (None on the others)."""
-    counts = rows.now(x.shape[-2])
-    most = max(counts)
-    if x.shape[-2] < most:
-        x = torch.cat([x, x.new_zeros(x.shape[:-2] + (most - x.shape[-2], x.shape[-1]))], dim=-2)
+    x, counts = _padded(rows, x)
     parts = [torch.empty_like(x) for _ in counts] if rows.rank == 0 else None
-    dist.gather(x.contiguous(), parts, dst=rows.peer(0), group=rows.group)
-    if rows.rank != 0:
-        return None
-    return torch.cat([part.narrow(-2, 0, n) for part, n in zip(parts, counts)], dim=-2)
+    dist.gather(x, parts, dst=rows.peer(0), group=rows.group)
+    return _joined(parts, counts) if rows.rank == 0 else None
 
 
 # --- the modules' behaviour for one decode ---------------------------------------------------------------
