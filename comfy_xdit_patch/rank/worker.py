@@ -113,7 +113,7 @@ class Worker:
             from .facts import cap_memory
 
             cap_memory(torch, mm, self.device, config.gpu_cap)
-        from .weights import RankWeights
+        from .holding import RankWeights
 
         self.weights = RankWeights(config.shard_weights, rank, world, self.device)  # COMFY_XDIT_SHARD_WEIGHTS
         lap("comfyui")

@@ -95,7 +95,7 @@ class LoadWatch:
         return out
 
     def device_bytes(self, model, names: tuple) -> int:
-        from ..rank.weights import block_tensors
+        from ..rank.holding import block_tensors
 
         device = self.w.device
         mapped = self._mapped() if device.type == "cpu" else []
