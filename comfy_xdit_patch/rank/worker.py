@@ -348,7 +348,10 @@ class Worker:
         plan = plans.by_family(family)
         groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
-        if self.config.compile and not self.weights.sharded(key):  # sharded blocks run uncompiled (their hooks)
+        # NOTE: ComfyUI's partial loading casts weights per call, which compiled and graphed blocks ran 2.3x slower
+        # than ComfyUI alone (1x H200, FLUX.2 capped at 24 GiB: waiting on the CPU): such a model runs as ComfyUI runs it
+        partial = getattr(self.loaded[key].model, "model_lowvram", False)
+        if self.config.compile and not self.weights.sharded(key) and not partial:  # sharded: uncompiled (their hooks)
             from . import compiled
 
             self.counters["compiled blocks"] += compiled.compile_blocks(model, plan.blocks)
@@ -362,7 +365,7 @@ class Worker:
         # NOTE: yunchang's ring replayed from a CUDA graph matched its eager run only with the cuDNN kernel
         # (4x H100); other kernels run the ring eagerly.
         eager = eager or (mesh.ring > 1 and self.config.usp_kernel not in attention_mod.RING_REPLAY_SAFE)
-        eager = eager or self.weights.sharded(key)  # NOTE: gathers captured in a graph: not yet tried on GPUs
+        eager = eager or partial or self.weights.sharded(key)  # NOTE: gathers in a graph: not yet tried on GPUs
         if self.graphs is not None and not eager:
             return functools.partial(self.graphs.run, (key, mesh, chunks), run, (args, kwargs))
         return functools.partial(run, (args, kwargs))
