@@ -77,7 +77,7 @@ class WorkerGroup:
                 raise Cancelled("the worker group was closed while it started")
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
-                raise StartTimeout(f"worker group did not start within {self.config.start_timeout:.0f}s")
+                raise StartTimeout(f"worker group did not start within {self.config.start_timeout:g}s")
             return remaining
 
         def get(refs):

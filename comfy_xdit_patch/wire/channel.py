@@ -231,7 +231,7 @@ class DriverChannel:
                     interrupted()
                     alive()
                     if time.monotonic() > deadline:
-                        raise StepTimeout(f"no reply to request {seq} within {timeout:.0f}s")
+                        raise StepTimeout(f"no reply to request {seq} within {timeout:g}s")
                 continue
             for fd, _ in ready:
                 rank = self._rank_of[fd]
