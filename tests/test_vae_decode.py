@@ -67,6 +67,15 @@ def test_what_cant_go_is_decoded_by_comfyui(decodes, vae_folder):
     assert decodes(vae, tall)[2] == 0
 
 
+def test_one_rank_leaves_the_decode_to_comfyui(decodes, vae_folder, router, monkeypatch):
+    """A group of one rank would decode what ComfyUI decodes, a round trip later (measured slower): ComfyUI does."""
+    (vae,) = nodes.VAELoader().load_vae("tiny_kl.safetensors")
+    router.life.get()
+    monkeypatch.setattr(router.group, "world", 1)  # as a one-GPU group sees it (the session's has 2 CPU ranks)
+    alone, image, ran = decodes(vae, torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(2)))
+    assert ran == 0 and torch.equal(alone, image)
+
+
 def test_a_file_the_ranks_see_changed_is_refused_and_decoded_here(decodes, vae_folder, router):
     synthetic.save(synthetic.kl_vae(seed=3), str(vae_folder / "changing_kl.safetensors"))
     (vae,) = run_node(nodes.VAELoader, vae_name="changing_kl.safetensors")  # as ComfyUI's executor runs it
