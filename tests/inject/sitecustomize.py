@@ -19,6 +19,7 @@ if _PAUSES or _HOLD:
     import functools
     import importlib.util
     import sys
+    import threading
     import time
 
     def _say(text: str) -> None:
@@ -66,18 +67,23 @@ if _PAUSES or _HOLD:
                 "latent_preview": _hold_sampler if _HOLD else None}
 
     class _Finder:
-        """Runs a patch right after its module is executed, then steps aside for that module."""
+        """Runs a patch right after its module is executed. It stays on sys.meta_path and steps aside by a flag
+        of its own thread: removing itself for the nested find_spec, as it once did, changed the list while
+        ComfyUI's main thread was walking it for another import (the early-start thread imports too), and that
+        import then missed the path finder ("No module named 'comfy.ldm.hunyuan_video.model'")."""
+
+        def __init__(self):
+            self.finding = threading.local()
 
         def find_spec(self, name, path=None, target=None):
-            patch = _PATCHES.pop(name, None)
-            if patch is None:
+            if getattr(self.finding, "on", False) or _PATCHES.get(name) is None:
                 return None
-            sys.meta_path.remove(self)
+            patch = _PATCHES.pop(name)
+            self.finding.on = True
             try:
                 spec = importlib.util.find_spec(name)
             finally:
-                if any(_PATCHES.values()):
-                    sys.meta_path.insert(0, self)
+                self.finding.on = False
             run = spec.loader.exec_module
 
             def exec_module(module):
