@@ -236,7 +236,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("COMFY_XDIT_VAE_MIN_PIXELS", "4194304 (2048²)",
            "A VAE decode (FLUX's, Wan 2.1 / 2.2's) whose output has at least this many pixels per latent (frames x "
            "height x width) runs on the worker group, each rank decoding a band of rows, when the group is up with two "
-           "ranks or more (one would decode what ComfyUI does, a round trip later); `0`: every such decode, `off`: none. At the default: FLUX images from 2048², 480p Wan clips from 13 frames.",
+           "ranks or more (one would decode what ComfyUI does, a round trip later); `0`: every such decode, `off`: "
+           "none. At the default: FLUX images from 2048², 480p Wan clips from 13 frames.",
            _pixels, "tuning"),
     # --- diagnostics (docs/configuration.md): wrong images on purpose, never for real work ---
     EnvVar("COMFY_XDIT_DIAG_LOOPBACK", "0",
