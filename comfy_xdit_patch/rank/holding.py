@@ -85,8 +85,9 @@ class RankWeights:
 
     def before_load(self, key: str, patcher, block_lists: tuple) -> bool:
         """Before load_models_gpu (prepare): a model built with its blocks left in the file is sharded block by
-        block where wanted, else its blocks are loaded as ComfyUI would. Local only. Returns whether ComfyUI
-        should load the model (the rest, where sharded) whole: not where it can't, then its partial loading."""
+        block where wanted, else its blocks are loaded onto the device where the whole model fits, or into host
+        memory for ComfyUI's partial loading. Local only. Returns whether ComfyUI should load the model (the rest,
+        where sharded) whole: not where it can't, then its partial loading."""
         model = patcher.model.diffusion_model
         pending = self.pending.pop(id(model), None)
         if pending is not None and not self._wanted(patcher, loaded=False):

@@ -349,7 +349,7 @@ class Worker:
         groups, make, _ = self._groups(mesh)
         attention = functools.partial(make, chunks=chunks)
         # NOTE: ComfyUI's partial loading casts weights per call, which compiled and graphed blocks ran 2.3x slower
-        # than ComfyUI alone (1x H200, FLUX.2 capped at 24 GiB: waiting on the CPU): such a model runs as ComfyUI runs it
+        # than ComfyUI alone (1x H200, FLUX.2 capped at 24 GiB: waiting on the CPU): such a model runs as in ComfyUI
         partial = getattr(self.loaded[key].model, "model_lowvram", False)
         if self.config.compile and not self.weights.sharded(key) and not partial:  # sharded: uncompiled (their hooks)
             from . import compiled
