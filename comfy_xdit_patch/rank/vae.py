@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import Unroutable
+from ..wire.mesh import shares
 
 log = logging.getLogger("comfy_xdit_patch.worker")
 
@@ -64,7 +65,7 @@ def split_rows(height: int, world: int) -> tuple[int, ...]:
     """`height` latent rows shared out among `world` ranks, in order; the first ones take one more."""
     if height < world:
         raise Unroutable(f"a latent {height} rows high can't be decoded by rows on {world} ranks")
-    return tuple(height // world + (1 if r < height % world else 0) for r in range(world))
+    return shares(height, world)
 
 
 def widen(rows: Rows, x: torch.Tensor, p: int) -> tuple[torch.Tensor, int]:

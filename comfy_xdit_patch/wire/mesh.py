@@ -6,16 +6,22 @@ from __future__ import annotations
 from ..config import Mesh
 from ..errors import LayoutError
 
-__all__ = ["Mesh", "LayoutError", "batch_spans", "spanning", "choose_mesh"]
+__all__ = ["Mesh", "LayoutError", "shares", "batch_spans", "spanning", "choose_mesh"]
+
+
+def shares(total: int, parts: int) -> tuple[int, ...]:
+    """`total` items shared out among `parts` takers in order, as evenly as can be: the first ones take one more.
+    None is left empty: the caller refuses `total < parts` with its own error."""
+    assert total >= parts > 0, (total, parts)
+    return tuple(total // parts + (1 if i < total % parts else 0) for i in range(parts))
 
 
 def batch_spans(batch: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous, as-even-as-possible split of `batch` rows into `parts` non-empty spans."""
     if batch < parts:
         raise LayoutError(f"batch of {batch} can't be shared by {parts} CFG groups")
-    sizes = [batch // parts + (1 if i < batch % parts else 0) for i in range(parts)]
     spans, start = [], 0
-    for s in sizes:
+    for s in shares(batch, parts):
         spans.append((start, start + s))
         start += s
     return spans
