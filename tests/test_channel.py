@@ -126,3 +126,51 @@ def test_a_new_tensor_never_takes_the_slot_of_one_read_in_the_same_request(chann
         sent = [t.clone() for t in body]
         for got, _ in channel.request("call", sent, all_reply=True, keep=sent).values():
             assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got, body))
+
+
+_SIDE = """
+import sys
+from comfy_xdit_patch.wire.transport import {cls}
+import torch
+box = {cls}({arg})
+{setup}
+print(name, flush=True)
+sys.stdin.readline()  # the other side has removed the segment
+box.close()
+"""
+
+
+@pytest.mark.parametrize("first", ["the rank", "the driver"])
+def test_a_segment_the_other_side_removed_is_no_leak_at_exit(first, tmp_path):
+    """Each side removes the segment (a rank its own, the driver a rank's it reads); whichever comes second finds it
+    gone, and its process leaves without the resource tracker's warning of a leaked segment."""
+    import subprocess
+    import sys
+
+    from comfy_xdit_patch.wire.transport import Inbox, Outbox
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if first == "the rank":  # the driver, in its own process (as ComfyUI's beside Ray's), reads the rank's segment
+        box = Outbox(shared=True)
+        name = box.stage([torch.ones(8)])[1][1]
+        code = _SIDE.format(cls="Inbox", arg="owns=True", setup=f"name = {name!r}; box.take(None, ('shm', name, 32))")
+    else:  # the rank, in its own process, writes; the driver removes the segment first
+        code = _SIDE.format(cls="Outbox", arg="shared=True", setup="name = box.stage([torch.ones(8)])[1][1]")
+    # NOTE: a fresh interpreter, not a multiprocessing child: those share this process's resource tracker
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = other.stdout.readline().strip()
+        if first == "the rank":
+            box.close()
+        else:
+            box = Inbox(owns=True)
+            box.take(None, ("shm", seen, 32))
+            box.close()
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        _, err = other.communicate(timeout=60)
+    finally:
+        other.kill()
+    assert other.returncode == 0, err
+    assert "resource_tracker" not in err, err

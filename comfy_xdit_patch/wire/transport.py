@@ -164,8 +164,9 @@ class _Mapping:
         if unlink:
             try:
                 self.seg.unlink()
-            except FileNotFoundError:  # the other side removed it already
-                pass
+            except FileNotFoundError:  # the other side removed it already, before our tracker heard of that
+                # NOTE: else the tracker would warn of a leaked segment at this process's exit
+                resource_tracker.unregister(self.seg._name, "shared_memory")
 
 
 class Outbox:
