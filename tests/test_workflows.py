@@ -307,3 +307,20 @@ def test_chroma_with_cfg(compare, models_dir):
     assert type(model.model.diffusion_model).__module__ == "comfy.ldm.chroma.model"
     pos, neg = tiny.conditioning(1, guidance=None), tiny.conditioning(2, guidance=None)
     compare(lambda: ksample(model, pos, neg, tiny.latent(32, 32), steps=2, cfg=3.5))
+
+
+def test_a_routed_run_makes_room_as_comfyui_would(compare, flux, monkeypatch, tmp_path):
+    """ComfyUI alone frees its GPU for the model it loads (its text encoder leaves a small card); routed, a rank on
+    that GPU loads it, so ComfyUI's process frees the same room first. Here, on the CPU, ComfyUI's own reserve
+    (--reserve-vram) leaves no room: another model loaded there goes."""
+    path = synthetic.save(synthetic.kl_vae(seed=1), str(tmp_path / "other.safetensors"))
+    other = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path)).patcher  # stands for the text encoder
+
+    def routed_run():
+        comfy.model_management.load_models_gpu([other])
+        compare(lambda: run(flux))
+        return other in comfy.model_management.loaded_models()
+
+    assert routed_run(), "with room, the other model stays loaded"
+    monkeypatch.setattr(comfy.model_management, "EXTRA_RESERVED_VRAM", 1 << 50)
+    assert not routed_run(), "without room, ComfyUI's process unloads it for the rank"

@@ -214,6 +214,10 @@ class Router:
     def _open(self, run: Run) -> None:
         # NOTE: weights this process still holds from an earlier local run would sit beside rank 0's.
         comfy.model_management.unload_model_and_clones(run.patcher, unload_additional_models=False)
+        # NOTE: ComfyUI alone makes room on its GPU before it loads the model (a text encoder leaves a small card); a
+        # rank on that GPU loads it instead, so this process frees that room the same way first
+        mm = comfy.model_management
+        mm.free_memory(run.patcher.model_size() + mm.minimum_inference_memory(), run.patcher.load_device)
         forced = self.config.parallel
         if forced is not None:  # an impossible forced layout is refused before sampling starts
             choose_mesh(forced.world, forced.cfg, plans.head_count(run.plan, run.patcher.model.diffusion_model),
